@@ -1,0 +1,150 @@
+"""Compile every Triton kernel configuration for Hopper (sm_90a) on any machine and report resources.
+
+Run ``python -m fastvmt_kernels.inspect`` (no GPU needed). For each kernel configuration that the GPU
+path launches, it compiles with the ``tt.divisibility`` hints the GPU JIT adds for 16-byte-aligned
+pointers and strides, then reads the cubin with the ``cuobjdump`` shipped in triton's wheel and prints:
+registers, spill bytes (local memory), shared memory and the HGMMA (wgmma) instruction count in SASS.
+``--check`` exits non-zero when a kernel spills or a kernel that multiplies has no HGMMA.
+
+Kernel modules register their configurations through an ``inspect_specs()`` function returning a list
+of :class:`KernelSpec`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+# Modules that define Triton kernels; each exposes ``inspect_specs() -> list[KernelSpec]``.
+KERNEL_MODULES = (
+    "fastvmt_kernels.local_attention.kernels",
+    "fastvmt_kernels.motion_flow.kernels",
+    "fastvmt_kernels.adamw",
+)
+HOPPER = ("cuda", 90, 32)
+DIVISIBILITY = 16
+
+
+@dataclass
+class KernelSpec:
+    """One compile configuration of one kernel.
+
+    Attributes:
+        name: label printed in the report (kernel and configuration).
+        fn: the ``@triton.jit`` function.
+        signature: argument name -> triton type ("*bf16", "i32", "fp32", "constexpr", ...), every argument.
+        constexprs: constexpr argument name -> value.
+        divisible: names of pointer / integer arguments the GPU JIT would mark divisible by 16.
+        num_warps, num_stages: launch options, as the GPU path uses them.
+        expects_mma: the kernel multiplies tiles with tl.dot, so HGMMA must appear in SASS.
+    """
+
+    name: str
+    fn: Any
+    signature: Dict[str, str]
+    constexprs: Dict[str, Any]
+    divisible: List[str] = field(default_factory=list)
+    num_warps: int = 4
+    num_stages: int = 3
+    expects_mma: bool = True
+
+
+def _nvidia_bin() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_spec(spec: KernelSpec) -> Dict[str, Any]:
+    """Compile ``spec`` for sm_90a and return its resource usage as a dict."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(spec.fn.arg_names)
+    unknown = set(spec.signature) ^ set(names)
+    if unknown:
+        raise ValueError(f"{spec.name}: signature must name every argument exactly; mismatch on {sorted(unknown)}")
+    attrs = {(names.index(n),): [["tt.divisibility", DIVISIBILITY]] for n in spec.divisible}
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    kernel = triton.compile(
+        src, target=GPUTarget(*HOPPER), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        tool = os.path.join(_nvidia_bin(), "cuobjdump")
+        usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
+
+    def field_value(key: str) -> int:
+        m = re.search(rf"\b{key}:(\d+)", usage)
+        return int(m.group(1)) if m else -1
+
+    return {
+        "kernel": spec.name,
+        "registers": field_value("REG"),
+        "spill_bytes": field_value("LOCAL"),
+        "stack_bytes": field_value("STACK"),
+        "shared_bytes": int(kernel.metadata.shared) + max(0, field_value("SHARED")),
+        "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
+        "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
+        "expects_mma": spec.expects_mma,
+    }
+
+
+def collect_specs() -> List[KernelSpec]:
+    """All registered kernel configurations (import errors propagate: a missing module is a bug)."""
+    specs: List[KernelSpec] = []
+    for module_name in KERNEL_MODULES:
+        specs.extend(importlib.import_module(module_name).inspect_specs())
+    return specs
+
+
+def problems(row: Dict[str, Any]) -> List[str]:
+    """What is wrong with one report row: spills, or no HGMMA where the kernel multiplies."""
+    found = []
+    if row["spill_bytes"] != 0:
+        found.append(f"{row['spill_bytes']} spill bytes")
+    if row["expects_mma"] and row["hgmma"] == 0:
+        found.append("no HGMMA in SASS")
+    return found
+
+
+def main(argv: List[str] | None = None) -> int:
+    """Command line: print the report; ``--json`` for machine-readable rows; ``--check`` to fail on problems."""
+    parser = argparse.ArgumentParser(prog="python -m fastvmt_kernels.inspect", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a kernel spills or lacks HGMMA")
+    parser.add_argument("--filter", default="", help="only kernels whose name contains this text")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 is set; unset it: the interpreter cannot compile for a GPU target")
+    rows = [compile_spec(s) for s in collect_specs() if args.filter in s.name]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        header = f"{'kernel':58s} {'regs':>5s} {'spill':>6s} {'smem KiB':>9s} {'HGMMA':>6s} {'warps':>5s} {'stages':>6s}  status"
+        print(f"sm_90a (Hopper) compile report, triton {__import__('triton').__version__}")
+        print(header)
+        for r in rows:
+            status = "; ".join(problems(r)) or "ok"
+            print(
+                f"{r['kernel']:58s} {r['registers']:5d} {r['spill_bytes']:6d} {r['shared_bytes'] / 1024:9.1f} "
+                f"{r['hgmma']:6d} {r['num_warps']:5d} {r['num_stages']:6d}  {status}"
+            )
+    bad = [r for r in rows if problems(r)]
+    return 1 if (args.check and bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Public entry point: :func:`local_attention`."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .._checks import check_tensors, resolve_backend
+from ..layout import TileLayout
+from .reference import local_attention_reference
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: Sequence[int],
+    tile: Sequence[int],
+    window: Sequence[int],
+    *,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Spatiotemporal local-window attention on a video token grid.
+
+    Args:
+        q, k, v: (B, L, H, D), L = T*Hg*Wg tokens in raster order (t, then y, then x) -- Wan2.1's layout.
+            One dtype among float16 / bfloat16 / float32, one device. Views (non-contiguous) are accepted.
+        grid: (T, Hg, Wg) tokens.
+        tile: (tt, th, tw) tokens per tile; the last tile along an axis may be partial.
+        window: (wt, wh, ww) window size in tiles, each >= 1. See :mod:`fastvmt_kernels.layout` for the rule.
+        scale: logit scale, default 1/sqrt(D).
+        backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise), "triton" (also runs on CPU
+            tensors under TRITON_INTERPRET=1) or "torch" (the memory-bounded chunked reference).
+        return_lse: also return the fp32 natural-log log-sum-exp, (B, H, L).
+
+    Returns:
+        out (B, L, H, D) in q's dtype, or (out, lse) when ``return_lse``. Differentiable w.r.t. q, k, v.
+    """
+    check_tensors(("q", "k", "v"), (q, k, v), 4, "(B, L, H, D)")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"q, k, v must have the same shape (B, L, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    layout = TileLayout.create(grid, tile, window)
+    if layout.num_tokens != q.shape[1]:
+        raise ValueError(f"grid {layout.grid} has {layout.num_tokens} tokens but q has L = {q.shape[1]}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "torch":
+        out, lse = local_attention_reference(q, k, v, layout, scale)
+    else:
+        from .op import local_attention_triton
+
+        out, lse = local_attention_triton(q, k, v, layout, scale)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,77 @@
+"""The chunked PyTorch reference against an independent dense masked softmax and against SDPA."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvmt_kernels import TileLayout, local_attention, local_attention_mask
+from fastvmt_kernels.local_attention.reference import local_attention_reference
+
+from _utils import assert_rel_close
+
+
+def dense_masked(q, k, v, mask, scale):
+    """Independent: one (B, H, L, L) fp64 map with the dense mask."""
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v.double())
+
+
+def test_mask_rule_matches_hand_computed_windows():
+    # 1-D view: grid 7 tokens, tile 2 -> 4 tiles (last partial), window 3 tiles.
+    mask = local_attention_mask((1, 1, 7), (1, 1, 2), (1, 1, 3))
+    tiles = torch.arange(7) // 2
+    start = {0: 0, 1: 0, 2: 1, 3: 1}  # clamp(c - 1, 0, 4 - 3)
+    expected = torch.stack([(tiles >= start[int(c)]) & (tiles < start[int(c)] + 3) for c in tiles])
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize(
+    "grid,tile,window",
+    [((3, 5, 7), (1, 2, 3), (1, 3, 1)), ((4, 6, 5), (2, 4, 2), (3, 1, 2)), ((2, 3, 9), (1, 3, 4), (2, 2, 2))],
+)
+def test_reference_matches_dense_masked_softmax(grid, tile, window):
+    b, h, d = 2, 3, 16
+    seq = grid[0] * grid[1] * grid[2]
+    q, k, v = (torch.randn(b, seq, h, d, requires_grad=True) for _ in range(3))
+    mask = local_attention_mask(grid, tile, window)
+    scale = d**-0.5
+    out, lse = local_attention_reference(q, k, v, TileLayout.create(grid, tile, window), chunk_rows=7)
+    expected = dense_masked(q, k, v, mask, scale)
+    assert_rel_close(out, expected, 1e-5, "out")
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    assert_rel_close(lse, logits.masked_fill(~mask, float("-inf")).logsumexp(-1), 1e-6, "lse")
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    grads_expected = torch.autograd.grad(expected, (q, k, v), go.double())
+    for name, g, e in zip("qkv", grads, grads_expected):
+        assert_rel_close(g, e, 1e-5, f"d{name}")
+
+
+def test_window_covering_grid_is_dense_sdpa():
+    grid, b, h, d = (2, 4, 6), 1, 2, 32
+    seq = 48
+    q, k, v = (torch.randn(b, seq, h, d) for _ in range(3))
+    out = local_attention(q, k, v, grid, (1, 2, 2), (5, 9, 9), backend="torch")
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    assert_rel_close(out, expected, 1e-5, "out")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(grid=(2, 3, 4), tile=(1, 1, 1), window=(1, 1, 1), q_shape=(1, 25, 2, 16)), "has 24 tokens but q has L = 25"),
+        (dict(grid=(2, 3, 4), tile=(0, 1, 1), window=(1, 1, 1)), "every entry of tile must be >= 1"),
+        (dict(grid=(2, 3, 4), tile=(1, 1, 1), window=(1, 1)), "window must be 3 ints"),
+        (dict(grid=(2, 3, 4), tile=(1, 1, 1), window=(1, 1, 1), q_shape=(24, 2, 16)), "q must have 4 dims"),
+        (dict(grid=(2, 3, 4), tile=(1, 1, 1), window=(1, 1, 1), k_dtype=torch.float16), "must share one dtype"),
+        (dict(grid=(2, 3, 4), tile=(1, 1, 1), window=(1, 1, 1), backend="cuda"), "backend must be one of"),
+    ],
+)
+def test_bad_input_raises_clear_error(kwargs, match):
+    q_shape = kwargs.pop("q_shape", (1, 24, 2, 16))
+    k_dtype = kwargs.pop("k_dtype", torch.float32)
+    q = torch.randn(q_shape)
+    k = torch.randn(q_shape, dtype=k_dtype)
+    v = torch.randn(q_shape)
+    with pytest.raises(ValueError, match=match):
+        local_attention(q, k, v, **kwargs)
