@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fastvmt", "fastvmt.*", "fastvmt_kernels", "fastvmt_kernels.*"]),
-    package_data={"fastvmt": ["testbed/checkpoint/*"]},
+    package_data={"fastvmt": ["testbed/checkpoint/*", "testbed/checkpoint/*/*"]},
     include_package_data=True,
     # torch is pinned to the tested release; an unpinned torch pulls a multi-GB CUDA build on CPU machines.
     install_requires=[

@@ -1,4 +1,26 @@
 """fastvmt: fast, training-free video motion transfer for video diffusion transformers (Wan2.1)."""
+import importlib
+
 from fastvmt_kernels import __version__
 
-__all__ = ["__version__"]
+# Public names imported on first use, so `import fastvmt` (and `fastvmt --help`) does not import diffusers.
+_LAZY_EXPORTS = {
+    "MotionTransferConfig": "fastvmt.config",
+    "FastVMTPipeline": "fastvmt.pipeline",
+    "apply_local_attention": "fastvmt.processors",
+    "LocalAttnProcessor": "fastvmt.processors",
+    "QKCaptureProcessor": "fastvmt.processors",
+    "attention_phase": "fastvmt.processors",
+    "load_video": "fastvmt.video_io",
+    "write_video": "fastvmt.video_io",
+}
+
+__all__ = ["__version__", *_LAZY_EXPORTS]
+
+
+def __getattr__(name):
+    if name in _LAZY_EXPORTS:
+        value = getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fastvmt' has no attribute {name!r}")

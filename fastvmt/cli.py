@@ -14,6 +14,9 @@ from fastvmt_kernels import __version__
 
 # (subcommand, module, one-line help)
 COMMANDS = (
+    ("transfer", "fastvmt.commands.transfer", "Transfer a reference video's motion onto a text prompt (Wan2.1)."),
+    ("demo", "fastvmt.testbed.demo", "Motion transfer on the tiny testbed model, scored against ground truth (CPU)."),
+    ("train-testbed", "fastvmt.testbed.train", "Train the testbed model (moving shapes, pixel-space Wan DiT)."),
 )
 
 

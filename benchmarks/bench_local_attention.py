@@ -1,0 +1,246 @@
+"""Local attention vs dense SDPA and FlexAttention at Wan2.1 shapes (pytest-benchmark).
+
+GPU run (``python -m pytest benchmarks/bench_local_attention.py``): Wan2.1 latent grid 21 x 30 x 52
+(L = 32,760), B = 1, D = 128, bf16, 12 heads (1.3B) and 40 heads (14B).
+
+Tile (3, 10, 4) = 120 tokens: it divides the grid exactly (7 x 3 x 13 tiles, no ragged tile) and fills
+94% of a 128-row block (the kernels pad 120 -> 128 query rows and split keys into 64 + 56 rows).
+Windows (in tiles) chosen for ~10 / 25 / 50% density (exact density from TileLayout.density()):
+(3, 3, 3) -> 0.099, (5, 2, 7) -> 0.256, (5, 3, 9) -> 0.495.
+
+Providers x modes: ours (Triton, tile-order gathering in-kernel: no permutation pass, so nothing extra to
+count), FlexAttention (torch.compile'd, block mask from the same rule via an index-arithmetic mask_mod, raster
+order, 128 x 128 blocks), dense SDPA with the flash and the cuDNN backends; modes fwd and fwd+bwd.
+
+Reported: median ms (triton.testing.do_bench), effective TFLOP/s = useful FLOPs / time with useful FLOPs =
+4*B*H*D*(kept query-key pairs) for fwd (kept pairs = density * L^2; dense: L^2), x3.5 for fwd+bwd (bwd = 2.5x
+fwd); bwd-only TFLOP/s derived from (fwd+bwd - fwd); speedup over dense (best SDPA backend, same mode) and its
+ratio to the ideal 1/density.
+
+Dry run (FASTVMT_BENCH_DRY=1 or no CUDA): tiny shapes on CPU under the interpreter, one timed call each,
+results to $FASTVMT_BENCH_OUT or a temp dir (never benchmarks/results).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvmt_kernels import TileLayout, local_attention
+from _results import is_dry, write_table
+
+DRY = is_dry()
+if DRY:
+    GRID, TILE, HEAD_DIM, DTYPE, DEVICE = (2, 4, 8), (1, 4, 4), 32, torch.float32, "cpu"
+    MODELS = {"tiny": 2}
+    WINDOWS = {"25%": (1, 1, 1), "50%": (2, 1, 1)}
+else:
+    GRID, TILE, HEAD_DIM, DTYPE, DEVICE = (21, 30, 52), (3, 10, 4), 128, torch.bfloat16, "cuda"
+    MODELS = {"wan2.1-1.3b": 12, "wan2.1-14b": 40}
+    WINDOWS = {"10%": (3, 3, 3), "25%": (5, 2, 7), "50%": (5, 3, 9)}
+SEQ = GRID[0] * GRID[1] * GRID[2]
+BATCH = 1
+MODES = ("fwd", "fwd+bwd")
+BWD_FLOP_FACTOR = 2.5
+FLEX_BLOCK = 128 if not DRY else 16
+SPARSE_PROVIDERS = ("ours", "flex")
+DENSE_PROVIDERS = ("sdpa-flash", "sdpa-cudnn")
+
+RESULTS: List[Dict[str, object]] = []
+
+
+def flex_mask_mod(layout: TileLayout):
+    """FlexAttention mask_mod of the local-window rule by index arithmetic (no (L, L) tensor)."""
+    grid, tile = layout.grid, layout.tile
+    n, w = layout.num_tiles, layout.window_tiles
+    half = tuple((x - 1) // 2 for x in layout.window)
+
+    def tile_coords(idx):
+        t = idx // (grid[1] * grid[2])
+        y = (idx // grid[2]) % grid[1]
+        x = idx % grid[2]
+        return t // tile[0], y // tile[1], x // tile[2]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = None
+        for axis, (cq, ck) in enumerate(zip(tile_coords(q_idx), tile_coords(kv_idx))):
+            start = (cq - half[axis]).clamp(0, n[axis] - w[axis])
+            inside = (ck >= start) & (ck < start + w[axis])
+            keep = inside if keep is None else keep & inside
+        return keep
+
+    return mask_mod
+
+
+def make_attention(provider: str, layout: TileLayout) -> Callable:
+    """Attention callable on (B, L, H, D) tensors for ``provider``."""
+    if provider == "ours":
+        return lambda q, k, v: local_attention(q, k, v, layout.grid, layout.tile, layout.window, backend="triton")
+    if provider == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block_mask = create_block_mask(
+            flex_mask_mod(layout), None, None, SEQ, SEQ, device=DEVICE, BLOCK_SIZE=FLEX_BLOCK
+        )
+        flex = flex_attention if DRY else torch.compile(flex_attention)
+        return lambda q, k, v: flex(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask
+        ).transpose(1, 2)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}[provider]
+    if DRY:
+        backend = SDPBackend.MATH
+
+    def dense(q, k, v):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    return dense
+
+
+def time_ms(fn: Callable[[], object]) -> float:
+    """Median ms: triton.testing.do_bench on CUDA; one timed call on the dry CPU path."""
+    if DRY:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def cases():
+    """Ours first, then dense, then FlexAttention (slow to compile): a stage timeout loses the least."""
+    for model in MODELS:
+        for density in WINDOWS:
+            for mode in MODES:
+                yield model, density, "ours", mode
+    for model in MODELS:
+        for provider in DENSE_PROVIDERS:
+            for mode in MODES:
+                yield model, "dense", provider, mode
+    for model in MODELS:
+        for density in WINDOWS:
+            for mode in MODES:
+                yield model, density, "flex", mode
+
+
+@pytest.mark.parametrize("case", list(cases()), ids=lambda case: "-".join(case))
+def test_local_attention(benchmark, case):
+    model, density, provider, mode = case
+    heads = MODELS[model]
+    window = WINDOWS.get(density, (99, 99, 99))
+    layout = TileLayout.create(GRID, TILE, window)
+    if DRY and provider == "flex" and mode != "fwd":
+        pytest.skip("FlexAttention has no CPU backward")
+    if DRY and provider == "sdpa-cudnn":
+        pytest.skip("cuDNN needs CUDA")
+    if provider == "sdpa-cudnn" and not torch.backends.cudnn.is_available():
+        pytest.skip("cuDNN unavailable")
+    attend = make_attention(provider, layout)
+    q, k, v = (torch.randn(BATCH, SEQ, heads, HEAD_DIM, device=DEVICE, dtype=DTYPE) for _ in range(3))
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return attend(q, k, v)
+    else:
+        for t in (q, k, v):
+            t.requires_grad_()
+        dout = torch.randn_like(q)
+
+        def step():
+            out = attend(q, k, v)
+            return torch.autograd.grad(out, (q, k, v), dout)
+
+    if DRY and provider in ("ours", "flex"):  # the dry run also proves both providers implement the rule
+        from fastvmt_kernels.local_attention.reference import local_attention_reference
+
+        with torch.no_grad():
+            expected = local_attention_reference(q, k, v, layout)[0]
+            assert torch.allclose(attend(q, k, v), expected, atol=1e-4), f"{provider} disagrees with the reference"
+    step()  # compile / autotune outside the timing
+    ms = time_ms(step)
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    benchmark.pedantic(lambda: (step(), sync()), rounds=1 if DRY else 3, iterations=1)
+    pairs = SEQ * SEQ * (1.0 if density == "dense" else layout.density())
+    flops = 4 * BATCH * heads * HEAD_DIM * pairs * (1 if mode == "fwd" else 1 + BWD_FLOP_FACTOR)
+    RESULTS.append({
+        "model": model, "heads": heads, "density_target": density, "window": "x".join(map(str, window)) if density != "dense" else "-",
+        "density": round(pairs / SEQ**2, 4), "provider": provider, "mode": mode, "ms": ms,
+        "tflops": flops / ms / 1e9,
+    })
+    _write(RESULTS)  # rewritten after every case: a stage timeout keeps what was measured
+
+
+def _derive(rows: List[Dict[str, object]]) -> None:
+    """Add speedup over the best dense SDPA, ratio to ideal 1/density, and bwd-only TFLOP/s."""
+    for row in rows:
+        dense = [r["ms"] for r in rows if r["model"] == row["model"] and r["mode"] == row["mode"]
+                 and r["density_target"] == "dense"]
+        if dense:
+            row["speedup_vs_dense"] = min(dense) / row["ms"]
+            row["ideal_speedup"] = 1.0 / row["density"]
+            row["fraction_of_ideal"] = row["speedup_vs_dense"] / row["ideal_speedup"]
+        if row["mode"] == "fwd+bwd":
+            fwd = [r for r in rows if all(r[c] == row[c] for c in ("model", "density_target", "provider"))
+                   and r["mode"] == "fwd"]
+            if fwd and row["ms"] > fwd[0]["ms"]:
+                bwd_ms = row["ms"] - fwd[0]["ms"]
+                row["bwd_ms"] = bwd_ms
+                flops_fwd = fwd[0]["tflops"] * fwd[0]["ms"]
+                row["bwd_tflops"] = BWD_FLOP_FACTOR * flops_fwd / bwd_ms
+
+
+def _plot(rows: List[Dict[str, object]]):
+    def draw(path):
+        import matplotlib.pyplot as plt
+
+        models = list(MODELS)
+        fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            labels = list(WINDOWS)
+            for offset, (provider, mode) in enumerate(
+                [(p, m) for p in SPARSE_PROVIDERS for m in MODES]
+            ):
+                ys = []
+                for label in labels:
+                    found = [r.get("speedup_vs_dense", 0.0) for r in rows if r["model"] == model
+                             and r["density_target"] == label and r["provider"] == provider and r["mode"] == mode]
+                    ys.append(found[0] if found else 0.0)
+                xs = [i + 0.2 * offset for i in range(len(labels))]
+                ax.bar(xs, ys, width=0.2, label=f"{provider} {mode}")
+            ideal = [r["ideal_speedup"] for label in labels for r in rows if r["model"] == model
+                     and r["density_target"] == label and r["provider"] == "ours" and r["mode"] == "fwd"
+                     and "ideal_speedup" in r]
+            if len(ideal) == len(labels):
+                ax.plot([i + 0.3 for i in range(len(labels))], ideal, "k--o", label="ideal 1/density")
+            ax.set_xticks([i + 0.3 for i in range(len(labels))], labels)
+            ax.set_xlabel("window density")
+            ax.set_ylabel("speedup over dense SDPA")
+            ax.set_title(f"{model}: {GRID} grid, D={HEAD_DIM}, {str(DTYPE).split('.')[-1]}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    return draw
+
+
+def _write(rows: List[Dict[str, object]]) -> None:
+    _derive(rows)
+    columns = ["model", "heads", "density_target", "window", "density", "provider", "mode", "ms", "tflops",
+               "speedup_vs_dense", "ideal_speedup", "fraction_of_ideal", "bwd_ms", "bwd_tflops"]
+    notes = [
+        f"shape: B={BATCH}, grid={GRID} (L={SEQ}), D={HEAD_DIM}, {DTYPE}; tile={TILE} for ours and the mask rule",
+        "tflops = useful FLOPs / time; useful fwd FLOPs = 4*B*H*D*density*L^2, fwd+bwd = 3.5x that "
+        "(bwd = 2.5x fwd); bwd_tflops from (fwd+bwd - fwd) time",
+        "speedup_vs_dense = best dense SDPA time (flash or cuDNN, same mode) / this time; "
+        "fraction_of_ideal = speedup / (1/density)",
+        "ours gathers tokens in tile order inside the kernels: no permutation pass exists to add to its time",
+        f"flex: torch.compile(flex_attention), block mask from the same rule, raster order, {FLEX_BLOCK}x{FLEX_BLOCK} blocks",
+    ]
+    write_table("local_attention", "Local attention vs dense SDPA and FlexAttention", rows, columns, notes, _plot(rows))

@@ -1,0 +1,257 @@
+"""Fused motion flow (forward + backward) vs the two dense PyTorch AMF formulations, time and peak memory.
+
+Providers (each one step = forward + backward of ``sum(flow * g)`` w.r.t. q and k):
+
+- ``fused``: ``fastvmt_kernels.motion_flow`` with the Triton backend (FastVMT pairs: span 4, 78 pairs at F = 21).
+- ``dense_global``: DiTFlow's global AMF over all F*F ordered pairs, one einsum, full (F, F, S, S) softmax, autograd.
+- ``dense_gather_local``: the official FastVMT code's structure: a Python loop over the span pairs; self pairs are
+  full S x S soft-argmaxes; for i < j the coarse pass uses each tile's centre query, then the l*l window keys of
+  every tile are gathered into a materialised (B, n_tiles, l*l, D) tensor and scored; autograd keeps every pair's
+  gathered keys and probabilities alive until backward.
+- ``chunked_reference`` (CPU mode only): this package's torch backend (pair chunks, checkpointed fine pass).
+
+Modes:
+
+- GPU (CUDA and FASTVMT_BENCH_DRY unset): Wan2.1-1.3B shapes, B = 1, F = 21, 30 x 52 tokens, D = 128, bf16, span 4,
+  window 21, tile 3 x 4; time = median of pytest-benchmark rounds (CUDA synchronised); peak memory =
+  torch.cuda.max_memory_allocated during one step minus the memory allocated before it. -> results/motion_flow_gpu.
+- CPU (no CUDA, FASTVMT_BENCH_DRY unset): a reduced shape (below) for the PyTorch providers; peak memory = peak of
+  the CPU allocator's live bytes during one step, from torch.profiler memory events (self allocations and frees in
+  time order). The Triton kernel is not timed on CPU (the interpreter is not a performance proxy); its memory is
+  given analytically (it allocates exactly the tensors listed in ``fused_bytes``). Analytic memory of every provider
+  at the Wan shape is reported next to it. -> results/motion_flow_cpu (or $FASTVMT_BENCH_OUT).
+- Dry (FASTVMT_BENCH_DRY=1): tiny shapes, one round, the Triton path under the interpreter; results to a temp dir.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, Dict, List
+
+import pytest
+import torch
+
+from _results import DRY_ENV, OUT_ENV, RESULTS_DIR, write_table
+from fastvmt_kernels import motion_flow
+from fastvmt_kernels.motion_flow import FlowGeometry, make_pairs
+
+# CPU only: FASTVMT_BENCH_CPU_SHAPE=wan runs the chunked reference and the dense-gather provider at the full Wan
+# shape (dense_global is skipped there: >= 8 GiB and minutes per step on a small CPU; its memory is analytic).
+CPU_SHAPE_ENV = "FASTVMT_BENCH_CPU_SHAPE"
+if os.environ.get(DRY_ENV) == "1":
+    MODE = "dry"
+elif torch.cuda.is_available():
+    MODE = "gpu"
+elif os.environ.get(CPU_SHAPE_ENV) == "wan":
+    MODE = "cpu_wan"
+else:
+    MODE = "cpu"
+
+WAN = dict(batch=1, frames=21, frame=(30, 52), dim=128, span=4, window=21, tile=(3, 4))
+SHAPES = {
+    "gpu": WAN,
+    "cpu": dict(batch=1, frames=9, frame=(15, 26), dim=64, span=4, window=11, tile=(3, 4)),
+    "cpu_wan": WAN,
+    "dry": dict(batch=1, frames=3, frame=(6, 8), dim=16, span=2, window=3, tile=(3, 4)),
+}
+SHAPE = SHAPES[MODE]
+DTYPE = torch.bfloat16 if MODE == "gpu" else torch.float32
+DEVICE = "cuda" if MODE == "gpu" else "cpu"
+ROUNDS = {"gpu": 10, "cpu": 3, "cpu_wan": 1, "dry": 1}[MODE]
+BASELINE = "chunked_reference" if MODE.startswith("cpu") else "fused"  # denominator of the ratios
+FASTVMT_TEMPERATURE = 1.0
+DITFLOW_TEMPERATURE = 2.0
+PROVIDERS = {
+    "gpu": ("fused", "dense_global", "dense_gather_local"),
+    "cpu": ("chunked_reference", "dense_global", "dense_gather_local"),
+    "cpu_wan": ("chunked_reference", "dense_gather_local"),
+    "dry": ("fused", "chunked_reference", "dense_global", "dense_gather_local"),
+}[MODE]
+FP32, KEY_BYTES, INDEX_BYTES = 4, 2, 8  # fp32 maps, bf16 q/k (Wan), int64 window origins
+
+RESULTS: List[Dict[str, object]] = []
+
+
+def _geometry(shape) -> FlowGeometry:
+    return FlowGeometry.create(shape["frame"], shape["tile"], shape["window"])
+
+
+def dense_global_amf(q: torch.Tensor, k: torch.Tensor, geo: FlowGeometry, temperature: float) -> torch.Tensor:
+    """DiTFlow AMF: (B, F*F, S, 2) soft-argmax over all keys of frame j for every ordered pair (i, j)."""
+    b, f, s, d = q.shape
+    logits = torch.einsum("bisd,bjtd->bijst", q, k).float() * (temperature / math.sqrt(d))
+    pos = geo.token_positions(q.device)
+    return (torch.softmax(logits, dim=-1) @ pos - pos).reshape(b, f * f, s, 2)
+
+
+def dense_gather_local_amf(q: torch.Tensor, k: torch.Tensor, geo: FlowGeometry, span: int, temperature: float):
+    """The official code's structure (Python loop over pairs, materialised window-key gathers, autograd)."""
+    b, f, s, d = q.shape
+    scale = temperature / math.sqrt(d)
+    pos = geo.token_positions(q.device)
+    index, valid = geo.tile_tokens(q.device)
+    th, tw = geo.tile
+    ny, nx = geo.tile_grid
+    centre_y = (torch.arange(ny, device=q.device) * th + th // 2).clamp_max(geo.frame[0] - 1)
+    centre_x = (torch.arange(nx, device=q.device) * tw + tw // 2).clamp_max(geo.frame[1] - 1)
+    centres = (centre_y[:, None] * geo.frame[1] + centre_x[None, :]).reshape(-1)
+    offsets = geo.window_offsets(q.device)
+    inverse = torch.argsort(index[valid])
+    batch = torch.arange(b, device=q.device)[:, None, None]
+    flows = []
+    for i in range(f):
+        for j in range(i, min(f, i + span)):
+            if i == j:
+                probs = torch.softmax(torch.einsum("bsd,btd->bst", q[:, i], k[:, j]).float() * scale, dim=-1)
+                flows.append(probs @ pos - pos)
+                continue
+            with torch.no_grad():
+                coarse = torch.softmax(torch.einsum("bnd,bsd->bns", q[:, i, centres], k[:, j]).float() * scale, -1)
+                origins = geo.origins_from_centres(coarse @ pos)  # (B, n, 2)
+            win_pos = origins[:, :, None, :] + offsets  # (B, n, W, 2)
+            keys = k[:, j][batch, win_pos[..., 0] * geo.frame[1] + win_pos[..., 1]]  # (B, n, W, D) materialised
+            logits = torch.einsum("bntd,bnwd->bntw", q[:, i][:, index], keys).float() * scale
+            expected = torch.softmax(logits, dim=-1) @ win_pos.float()
+            flows.append((expected - pos[index])[:, valid][:, inverse])
+    return torch.stack(flows, dim=1)
+
+
+def make_step(provider: str, q: torch.Tensor, k: torch.Tensor, geo: FlowGeometry, span: int) -> Callable[[], object]:
+    """One forward + backward of ``provider`` on (q, k) with a fixed random upstream gradient."""
+    if provider == "dense_global":
+        flow_fn = lambda: dense_global_amf(q, k, geo, DITFLOW_TEMPERATURE)  # noqa: E731
+    elif provider == "dense_gather_local":
+        flow_fn = lambda: dense_gather_local_amf(q, k, geo, span, FASTVMT_TEMPERATURE)  # noqa: E731
+    else:
+        backend = "triton" if provider == "fused" else "torch"
+        kwargs = dict(tile=geo.tile, window=geo.window, span=span, temperature=FASTVMT_TEMPERATURE, backend=backend)
+        flow_fn = lambda: motion_flow(q, k, geo.frame, **kwargs)[0]  # noqa: E731
+    with torch.no_grad():
+        grad = torch.randn(flow_fn().shape, device=q.device)
+
+    def step():
+        flow = flow_fn()
+        return torch.autograd.grad(flow, (q, k), grad)
+
+    return step
+
+
+def peak_bytes(step: Callable[[], object]) -> int:
+    """Peak bytes allocated during one call of ``step`` above what was allocated before it."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def fused_bytes(shape, key_bytes: int) -> int:
+    """Every tensor the fused op allocates for forward + backward (exact by construction of op.py).
+
+    flow (B,P,S,2) fp32 and its upstream gradient, lse (B,P,S) fp32, windows (B,P,n,2) int64, the tile sums
+    (B,F,n,D) fp32 and tile-mean queries (B,F,n,D) in the input dtype, a zero-padded copy of q when the frame is not
+    a whole number of tiles, the fp32 dk accumulator (B,F,S,D) and dq, dk (B,F,S,D) in the input dtype.
+    """
+    geo = _geometry(shape)
+    b, f, d, s, n = shape["batch"], shape["frames"], shape["dim"], geo.num_tokens, geo.num_tiles
+    p = make_pairs(f, shape["span"]).shape[0]
+    (ny, nx), (th, tw) = geo.tile_grid, geo.tile
+    padded = b * f * ny * th * nx * tw * d * key_bytes if ny * th * nx * tw != s else 0
+    return (2 * b * p * s * 2 * FP32 + b * p * s * FP32 + b * p * n * 2 * INDEX_BYTES
+            + b * f * n * d * (FP32 + key_bytes) + padded + b * f * s * d * FP32 + 2 * b * f * s * d * key_bytes)
+
+
+def dense_global_bytes(shape, key_bytes: int) -> int:
+    """Lower bound: in backward the saved fp32 probabilities and the gradient w.r.t. them (two (B, F, F, S, S) fp32
+    maps) are alive at once."""
+    s = shape["frame"][0] * shape["frame"][1]
+    return 2 * shape["batch"] * shape["frames"] ** 2 * s * s * FP32
+
+
+def dense_gather_local_bytes(shape, key_bytes: int) -> int:
+    """Lower bound: what autograd saves for backward: per inter-frame pair the gathered keys (B,n,l*l,D) and the
+    fp32 probabilities (B,n,T,l*l); per self pair the fp32 (B,S,S) probabilities."""
+    geo = _geometry(shape)
+    b, f, d, s, n = shape["batch"], shape["frames"], shape["dim"], geo.num_tokens, geo.num_tiles
+    pairs = make_pairs(f, shape["span"])
+    inter = int((pairs[:, 1] > pairs[:, 0]).sum())
+    w, t = geo.window_size, geo.tile[0] * geo.tile[1]
+    return inter * b * n * (w * d * key_bytes + t * w * FP32) + f * b * s * s * FP32
+
+
+ANALYTIC = {"fused": fused_bytes, "dense_global": dense_global_bytes, "dense_gather_local": dense_gather_local_bytes}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_results_at_end():
+    yield
+    if RESULTS:
+        _write(RESULTS)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_motion_flow(benchmark, provider):
+    geo = _geometry(SHAPE)
+    b, f, d = SHAPE["batch"], SHAPE["frames"], SHAPE["dim"]
+    q, k = (torch.randn(b, f, geo.num_tokens, d, device=DEVICE).to(DTYPE).requires_grad_() for _ in range(2))
+    step = make_step(provider, q, k, geo, SHAPE["span"])
+    step()  # compile / warm up outside the timing
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    mem = peak_bytes(step)
+    start = time.perf_counter()
+    benchmark.pedantic(lambda: (step(), sync()), rounds=ROUNDS, iterations=1)
+    wall = (time.perf_counter() - start) / ROUNDS
+    stats = getattr(benchmark, "stats", None)
+    ms = stats.stats.median * 1e3 if stats is not None else wall * 1e3
+    pairs = f * f if provider == "dense_global" else make_pairs(f, SHAPE["span"]).shape[0]
+    RESULTS.append({"provider": provider, "pairs": pairs, "ms": ms, "peak_MiB": mem / 2**20})
+
+
+def _write(rows: List[Dict[str, object]]) -> None:
+    base = next((r for r in rows if r["provider"] == BASELINE), None)
+    for row in rows:
+        if base is not None:
+            row["time_ratio"] = row["ms"] / base["ms"]
+            row["memory_ratio"] = row["peak_MiB"] / max(base["peak_MiB"], 1e-9)
+        analytic = ANALYTIC.get(row["provider"])
+        if analytic is not None:
+            row["analytic_MiB_this_shape"] = analytic(SHAPE, torch.finfo(DTYPE).bits // 8) / 2**20
+    extra = []
+    if MODE.startswith("cpu"):
+        fused_here = fused_bytes(SHAPE, FP32) / 2**20
+        rows.append({"provider": "fused (analytic, not run)", "pairs": rows[0]["pairs"] if rows else "",
+                     "peak_MiB": fused_here, "analytic_MiB_this_shape": fused_here})
+        for name, fn in ANALYTIC.items():
+            extra.append(f"analytic at Wan2.1-1.3B shape (F=21, 30x52, D=128, bf16 q/k): {name} "
+                         f"{fn(WAN, KEY_BYTES) / 2**20:.1f} MiB")
+        ratio = dense_global_bytes(WAN, KEY_BYTES) / fused_bytes(WAN, KEY_BYTES)
+        extra.append(f"analytic memory ratio dense_global / fused at Wan shape: {ratio:.0f}x (lower bound: the "
+                     "dense figure is a lower bound, the fused figure exact)")
+    columns = ["provider", "pairs", "ms", "peak_MiB", "time_ratio", "memory_ratio", "analytic_MiB_this_shape"]
+    notes = [
+        f"mode: {MODE}; shape: B={SHAPE['batch']}, F={SHAPE['frames']}, frame={SHAPE['frame']}, D={SHAPE['dim']}, "
+        f"{DTYPE}, span={SHAPE['span']}, window={SHAPE['window']}, tile={SHAPE['tile']}",
+        "one step = forward + backward (dq, dk) of sum(flow * g); ms = median over "
+        f"{ROUNDS} pytest-benchmark round(s)",
+        "peak_MiB: " + ("torch.cuda.max_memory_allocated during one step minus memory allocated before it"
+                        if DEVICE == "cuda" else
+                        "peak live bytes of the CPU allocator during one step (torch.profiler memory events)"),
+        f"time_ratio, memory_ratio: this provider / {BASELINE}",
+        "dense_global covers all F*F ordered pairs (DiTFlow); the others the span pairs (FastVMT)",
+        *extra,
+    ]
+    if MODE.startswith("cpu") and not os.environ.get(OUT_ENV):
+        os.environ[OUT_ENV] = str(RESULTS_DIR)  # the CPU reference figures are a deliverable, not a dry run
+    write_table(f"motion_flow_{MODE}", "Motion flow: fused kernel vs dense PyTorch AMF", rows, columns, notes)

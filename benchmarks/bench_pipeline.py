@@ -1,0 +1,294 @@
+"""Motion-transfer pipeline phases at Wan2.1-1.3B size, side by side in one run (pytest file, CUDA).
+
+GPU run (``python -m pytest benchmarks/bench_pipeline.py``; part of ``benchmarks/gpu_suite.sh``): the full-size
+Wan2.1-1.3B transformer (30 blocks, 12 heads x 128, dim 1536, ffn 8960, text dim 4096, freq 256, 16 channels, patch
+(1, 2, 2)) and the Wan VAE (default config), random weights in bf16 -- cost does not depend on the weights -- and
+random prompt embeddings (1, 512, 4096) instead of the text encoder. Video 480 x 832 x 81 (latent 16 x 21 x 60 x 104,
+32,760 tokens).
+
+Phases (median of REPEATS after one warm-up, CUDA-synchronised wall clock):
+- reference pass: the no-grad truncated pass at the motion block (block 14) + the recipe's flow;
+- gradient iteration: truncated forward + flow + loss + backward to the latent + one fused AdamW step;
+- reuse iteration: one fused AdamW step with the cached gradient (no transformer forward);
+- denoising step: two full forwards (classifier-free guidance) + the Euler update;
+- VAE encode of the reference video and VAE decode of the result (once; shared by every variant).
+
+Variants: plain generation; the ditflow recipe; the fastvmt recipe; fastvmt + local attention in the guidance passes;
+fastvmt + local attention everywhere (``fastvmt.apply_local_attention`` defaults: tile (3, 10, 4), window (5, 2, 7),
+25.6% of the query-key pairs). Guidance runs with gradient checkpointing of the truncated blocks (the no-checkpoint
+peak memory of one gradient iteration is measured separately).
+
+Per-video totals are composed from the schedule (text encoding excluded), N = 50 steps, G = 10 guided steps:
+plain = N*denoise + decode; ditflow = encode + 1*reference (fixed clean reference, computed once) + G*5*gradient +
+N*denoise + decode; fastvmt = encode + G*reference + G*(4*gradient + 6*reuse) + N*denoise + decode.
+
+Dry run (FASTVMT_BENCH_DRY=1 or no CUDA): the same code on tiny random components on CPU, results to
+$FASTVMT_BENCH_OUT or a temp dir (never benchmarks/results).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from _results import is_dry, write_table  # noqa: E402
+
+DRY = is_dry()
+NUM_STEPS, GUIDED_STEPS = 50, 10
+if DRY:
+    DEVICE, DTYPE = torch.device("cpu"), torch.float32
+    HEIGHT, WIDTH, FRAMES, TEXT_TOKENS, MOTION_BLOCK, REPEATS = 32, 48, 9, 16, 1, 1
+    TRANSFORMER = dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=3, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=1e-6, rope_max_seq_len=32,
+    )
+    VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    LOCAL = dict(tile=(1, 1, 1), window=(1, 1, 1))
+    MOTION = dict(tile=(1, 2), window=3)
+else:
+    DEVICE, DTYPE = torch.device("cuda"), torch.bfloat16
+    HEIGHT, WIDTH, FRAMES, TEXT_TOKENS, MOTION_BLOCK, REPEATS = 480, 832, 81, 512, 14, 2
+    TRANSFORMER = dict(
+        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    )
+    VAE = {}
+    LOCAL = {}
+    MOTION = {}
+REUSE_REPEATS = 5
+
+VARIANTS = ("plain", "ditflow", "fastvmt", "fastvmt+local(guidance)", "fastvmt+local(all)")
+RESULTS: Dict[str, Dict[str, object]] = {}
+SHARED: Dict[str, float] = {}
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int = REPEATS, warmup: int = 1) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _reset_peak() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> Optional[float]:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dry_single_thread():
+    """Tiny CPU models time far more stably on one intra-op thread on a shared machine (dry run only)."""
+    previous = torch.get_num_threads()
+    if DRY:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The pipeline on random full-size (GPU) or tiny (dry) components, plus inputs shared by every variant."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    from fastvmt import FastVMTPipeline
+
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        transformer = WanTransformer3DModel(**TRANSFORMER).to(DTYPE).eval()
+        vae = AutoencoderKLWan(**VAE).to(DTYPE).eval()
+    pipe = FastVMTPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(NUM_STEPS, device=DEVICE)
+    pipe._num_timesteps = NUM_STEPS
+    frames, height, width = pipe.latent_geometry(FRAMES, HEIGHT, WIDTH)
+    text_dim = TRANSFORMER["text_dim"]
+    embeds = {name: torch.randn(1, TEXT_TOKENS, text_dim, device=DEVICE, dtype=DTYPE) for name in ("pos", "neg", "ref")}
+    video = torch.rand(1, 3, FRAMES, HEIGHT, WIDTH, device=DEVICE) * 2 - 1
+    with torch.no_grad():
+        _reset_peak()
+        SHARED["vae_encode_s"] = timed(lambda: pipe.encode_video_to_latents(video), repeats=1)
+        reference_latents = pipe.encode_video_to_latents(video)
+        SHARED["vae_decode_s"] = timed(lambda: pipe.decode_latents_to_video(reference_latents, "pt"), repeats=1)
+        SHARED["vae_peak_gib"] = _peak_gib()
+    latents = torch.randn(1, 16, frames, height, width, device=DEVICE)
+    return dict(pipe=pipe, embeds=embeds, reference=reference_latents, latents=latents)
+
+
+def _config(recipe: str, **extra):
+    from fastvmt import MotionTransferConfig
+
+    settings = dict(recipe=recipe, motion_block=MOTION_BLOCK, guided_steps=GUIDED_STEPS, gradient_checkpointing=True)
+    if recipe == "fastvmt":
+        settings.update(MOTION)
+    settings.update(extra)
+    return MotionTransferConfig(**settings)
+
+
+def _measure(bench, variant: str) -> Dict[str, object]:
+    """Time every phase of ``variant``; returns the row (seconds per phase, composed per-video totals)."""
+    from fastvmt import apply_local_attention
+    from fastvmt.guidance import latent_gradient
+    from fastvmt.processors import attention_phase
+    from fastvmt_kernels import fused_adamw_step
+
+    pipe, embeds = bench["pipe"], bench["embeds"]
+    transformer = pipe.transformer
+    original = dict(transformer.attn_processors)
+    if variant.startswith("fastvmt+local"):
+        phases = "guidance" if "guidance" in variant else "both"
+        apply_local_attention(transformer, phases=phases, **LOCAL)
+    t = pipe.scheduler.timesteps[0]
+    row: Dict[str, object] = {"variant": variant}
+    _reset_peak()
+    try:
+        def denoise():
+            pipe.scheduler.set_begin_index(0)
+            pipe.scheduler._step_index = None  # every timed call is step 0 (scheduler.step advances the index)
+            pipe.denoise_step(bench["latents"], t, 0, embeds["pos"], embeds["neg"], 5.0)
+
+        with torch.no_grad():
+            row["denoise_step_s"] = timed(denoise)
+        if variant != "plain":
+            config = _config("ditflow" if variant == "ditflow" else "fastvmt")
+            sigma = float(pipe.scheduler.sigmas[0])
+            noise = torch.randn_like(bench["reference"])
+            for p in transformer.parameters():
+                p.requires_grad_(False)
+            with attention_phase("guidance"):
+                ref_sigma = float(config.reference_noise) if config.reference_is_fixed else sigma
+                with torch.no_grad():
+                    row["reference_pass_s"] = timed(
+                        lambda: pipe.reference_flow(bench["reference"], noise, ref_sigma, embeds["ref"], config)
+                    )
+                    ref = pipe.reference_flow(bench["reference"], noise, ref_sigma, embeds["ref"], config)
+                loss_fn = pipe.guidance_loss_fn(ref, t.expand(1), embeds["pos"], config)
+                master = bench["latents"].float().clone()
+                moments = [torch.zeros_like(master), torch.zeros_like(master)]
+                cached = {}
+
+                def gradient_iteration():
+                    cached["grad"], _ = latent_gradient(loss_fn, master)
+                    fused_adamw_step(master, cached["grad"], *moments, 1, lr=config.lr_start,
+                                     weight_decay=config.weight_decay)
+
+                row["gradient_iter_s"] = timed(gradient_iteration)
+                row["reuse_iter_s"] = timed(
+                    lambda: fused_adamw_step(master, cached["grad"], *moments, 2, lr=config.lr_start,
+                                             weight_decay=config.weight_decay),
+                    repeats=REUSE_REPEATS,
+                )
+            row["reuse_interval"] = config.reuse_interval
+            row["inner_iters"] = config.inner_iters
+            row["reference_passes"] = 1 if config.reference_is_fixed else GUIDED_STEPS
+        row["peak_gib"] = _peak_gib()
+        if variant == "fastvmt":
+            row.update(_gradient_without_checkpointing(pipe, ref, t, embeds["pos"], config, master))
+    except torch.cuda.OutOfMemoryError as exc:  # keep the other variants' numbers
+        row["error"] = f"OOM: {str(exc).splitlines()[0]}"
+    finally:
+        transformer.set_attn_processor(original)
+    return row
+
+
+def _gradient_without_checkpointing(pipe, ref, t, prompt_embeds, config, master) -> Dict[str, object]:
+    """Time and peak memory of one gradient computation with gradient_checkpointing=False (may not fit)."""
+    from fastvmt.guidance import latent_gradient
+    from fastvmt.processors import attention_phase
+
+    loss_fn = pipe.guidance_loss_fn(ref, t.expand(1), prompt_embeds, config.replace(gradient_checkpointing=False))
+    _reset_peak()
+    try:
+        with attention_phase("guidance"):
+            seconds = timed(lambda: latent_gradient(loss_fn, master), repeats=1)
+        return {"gradient_iter_no_ckpt_s": seconds, "peak_gib_no_ckpt": _peak_gib()}
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"peak_gib_no_ckpt": "OOM"}
+
+
+def compose_totals(row: Dict[str, object]) -> None:
+    """Add per-video guidance and total seconds to ``row`` from the schedule in the module docstring."""
+    if "error" in row:
+        return
+    denoise = NUM_STEPS * row["denoise_step_s"] + SHARED["vae_decode_s"]
+    guidance = 0.0
+    if row["variant"] != "plain":
+        iters, interval = row["inner_iters"], row["reuse_interval"]
+        gradients = len(range(0, iters, interval))
+        guidance = (
+            SHARED["vae_encode_s"]
+            + row["reference_passes"] * row["reference_pass_s"]
+            + GUIDED_STEPS * (gradients * row["gradient_iter_s"] + (iters - gradients) * row["reuse_iter_s"])
+        )
+    row["guidance_s_per_video"] = guidance
+    row["total_s_per_video"] = guidance + denoise
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_phase_times(bench, variant):
+    try:
+        row = _measure(bench, variant)
+    except Exception as exc:  # record the failure in the results file, then fail the test
+        RESULTS[variant] = {"variant": variant, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+        raise
+    compose_totals(row)
+    RESULTS[variant] = row
+    assert "error" in row or row["denoise_step_s"] > 0
+
+
+def test_write_results():
+    if not RESULTS:
+        pytest.skip("no variant ran")
+    plain = RESULTS.get("plain", {}).get("total_s_per_video")
+    ditflow = RESULTS.get("ditflow", {}).get("guidance_s_per_video")
+    for row in RESULTS.values():
+        if plain and row.get("total_s_per_video"):
+            row["x_plain"] = row["total_s_per_video"] / plain
+        if ditflow and row.get("guidance_s_per_video"):
+            row["guidance_speedup_vs_ditflow"] = ditflow / row["guidance_s_per_video"]
+    columns = [
+        "variant", "reference_pass_s", "gradient_iter_s", "reuse_iter_s", "denoise_step_s", "guidance_s_per_video",
+        "total_s_per_video", "x_plain", "guidance_speedup_vs_ditflow", "peak_gib", "gradient_iter_no_ckpt_s",
+        "peak_gib_no_ckpt", "error",
+    ]
+    notes = [
+        f"video {HEIGHT}x{WIDTH}x{FRAMES}, {'tiny random components (dry run)' if DRY else 'Wan2.1-1.3B transformer + Wan VAE, random weights'}, "
+        f"{str(DTYPE).replace('torch.', '')}, random prompt embeddings (1, {TEXT_TOKENS}, {TRANSFORMER['text_dim']}), motion block {MOTION_BLOCK}",
+        f"VAE encode {SHARED.get('vae_encode_s', float('nan')):.3g} s, decode {SHARED.get('vae_decode_s', float('nan')):.3g} s "
+        f"(once per video), VAE peak {SHARED.get('vae_peak_gib')} GiB",
+        f"per-video totals composed from the schedule: N={NUM_STEPS} denoising steps with CFG, G={GUIDED_STEPS} guided steps; "
+        "ditflow: 1 reference pass (fixed clean reference) + G*5 gradient iterations; fastvmt: G reference passes + "
+        "G*(4 gradient + 6 reuse iterations); guidance_s includes the VAE encode, totals include the decode, "
+        "text encoding excluded",
+        "guidance passes use gradient checkpointing of the truncated blocks (what gradient_checkpointing='auto' picks "
+        "at this size); *_no_ckpt: one gradient computation (no AdamW step) without it; times are medians after "
+        "one warm-up",
+    ]
+    paths = write_table("pipeline", "Motion-transfer pipeline phases (Wan2.1-1.3B size)", list(RESULTS.values()), columns, notes)
+    assert paths[0].exists()

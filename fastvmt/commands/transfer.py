@@ -1,0 +1,138 @@
+"""``fastvmt transfer``: generate a video for a prompt that moves like a reference video (Wan2.1 + FastVMT)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+RECIPE_CHOICES = ("fastvmt", "ditflow")
+LOCAL_ATTENTION_CHOICES = ("none", "guidance", "denoise", "both")
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+INIT_CHOICES = ("noise", "reference")
+
+
+def _int_triple(text: str):
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated ints such as 1,8,8, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated ints such as 1,8,8, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``transfer`` options."""
+    parser.add_argument(
+        "--model", required=True, help="diffusers Wan2.1 folder or hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"
+    )
+    parser.add_argument("--reference", required=True, help="reference video: mp4 / gif / folder of frames")
+    parser.add_argument("--prompt", required=True, help="text prompt of the generated video")
+    parser.add_argument("--out", required=True, help="output video path (.mp4 or .gif); written only on success")
+    parser.add_argument("--height", type=int, default=480, help="multiple of 16 (default 480)")
+    parser.add_argument("--width", type=int, default=832, help="multiple of 16 (default 832)")
+    parser.add_argument(
+        "--num-frames", type=int, default=81, help="4k+1 frames (default 81), sampled uniformly from the reference"
+    )
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--recipe", choices=RECIPE_CHOICES, default="fastvmt", help="guidance recipe (default fastvmt)")
+    parser.add_argument("--guided-steps", type=int, default=None, help="guided denoising steps (default 10)")
+    parser.add_argument("--motion-block", type=int, default=None, help="transformer block giving Q/K (default 14)")
+    parser.add_argument(
+        "--init", choices=INIT_CHOICES, default="noise", help="start from noise or the noised reference (strength 0.75)"
+    )
+    parser.add_argument(
+        "--local-attention", choices=LOCAL_ATTENTION_CHOICES, default="none",
+        help="replace self-attention with local attention in these passes (default none)",
+    )
+    parser.add_argument("--local-tile", type=_int_triple, default=None, help="local attention tile t,h,w in tokens")
+    parser.add_argument("--local-window", type=_int_triple, default=None, help="local attention window t,h,w in tiles")
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt for classifier-free guidance")
+    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    parser.add_argument("--max-sequence-length", type=int, default=512, help="text tokens (default 512)")
+    parser.add_argument("--fps", type=int, default=16, help="output frame rate (default 16)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="weights dtype (auto: bf16 on cuda, fp32 on cpu)"
+    )
+
+
+def _resolve_device_dtype(args):
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = names.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def _build_config(args):
+    from fastvmt.config import MotionTransferConfig
+
+    overrides = {"recipe": args.recipe, "init_latent": args.init}
+    if args.guided_steps is not None:
+        overrides["guided_steps"] = args.guided_steps
+    if args.motion_block is not None:
+        overrides["motion_block"] = args.motion_block
+    return MotionTransferConfig(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate everything cheap first (config, output path, reference), then load, generate and write atomically."""
+    from pathlib import Path
+
+    from fastvmt.video_io import WRITE_SUFFIXES, prepare_reference, write_video
+
+    try:
+        if Path(args.out).suffix.lower() not in WRITE_SUFFIXES:
+            raise ValueError(f"--out must end with one of {WRITE_SUFFIXES}, got {args.out!r}")
+        config = _build_config(args)
+        for name in ("height", "width", "num_frames", "steps"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        reference = prepare_reference(args.reference, args.num_frames, args.height, args.width)
+    except ValueError as exc:
+        print(f"fastvmt transfer: error: {exc}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from fastvmt.pipeline import FastVMTPipeline
+    from fastvmt.processors import DEFAULT_LOCAL_TILE, DEFAULT_LOCAL_WINDOW, apply_local_attention
+
+    device, dtype = _resolve_device_dtype(args)
+    start = time.perf_counter()
+    pipe = FastVMTPipeline.from_pretrained(args.model, torch_dtype=dtype)
+    if pipe.vae is not None:
+        pipe.vae.to(torch.float32)  # the Wan VAE is numerically fragile in half precision
+    pipe.to(device)
+    if args.local_attention != "none":
+        apply_local_attention(
+            pipe.transformer,
+            tile=args.local_tile or DEFAULT_LOCAL_TILE,
+            window=args.local_window or DEFAULT_LOCAL_WINDOW,
+            phases=args.local_attention,
+        )
+    try:
+        frames = pipe(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            reference_video=reference,
+            motion_config=config,
+            height=args.height,
+            width=args.width,
+            num_frames=args.num_frames,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            max_sequence_length=args.max_sequence_length,
+            generator=torch.Generator("cpu").manual_seed(args.seed),
+            output_type="np",
+        ).frames[0]
+    except ValueError as exc:
+        print(f"fastvmt transfer: error: {exc}", file=sys.stderr)
+        return 2
+    path = write_video(frames, args.out, fps=args.fps)
+    seconds = time.perf_counter() - start
+    print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}) in {seconds:.1f} s")
+    return 0

@@ -1,0 +1,171 @@
+"""Motion extraction: truncated transformer passes, head-averaged Q/K, attention motion flows and the guidance loss.
+
+A truncated pass runs the Wan transformer only until the self-attention projections of ``motion_block``: no later
+block, no attention of that block, no output head (the official code runs 5 blocks and the head too, quirk Q10).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .config import MotionTransferConfig
+from .processors import StopForward, capture_qk, set_token_grid, token_grid_of
+
+
+@dataclass
+class MotionFlow:
+    """An attention motion flow of one video batch.
+
+    Attributes:
+        flow: (B, P, S, 2) float32 (dy, dx) displacements in tokens, per frame pair and query token of frame i.
+        pairs: (P, 2) int64 (i, j) latent-frame pairs.
+        windows: fastvmt recipe only -- the int64 window origins returned by ``motion_flow(return_windows=True)``:
+            (B, P, n_tiles, 2), or (B, P, H, n_tiles, 2) per head for ``head_reduce="mean_flow"``.
+        key: fastvmt recipe only -- the keys the window loss reads: (B, F, S, D) head-averaged, or (B, F, S, H, D).
+    """
+
+    flow: torch.Tensor
+    pairs: torch.Tensor
+    windows: Optional[torch.Tensor] = None
+    key: Optional[torch.Tensor] = None
+
+
+def _run_blocks_manually(transformer, latents, timestep, encoder_hidden_states, block, use_checkpoint) -> None:
+    """Wan2.1's forward preamble, blocks [0, block) (optionally checkpointed), then ``block`` (which stops)."""
+    if timestep.ndim != 1:
+        raise ValueError(f"truncated passes support per-sample timesteps (B,) only (Wan2.1), got {tuple(timestep.shape)}")
+    rotary_emb = transformer.rope(latents)
+    hidden = transformer.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+    _, timestep_proj, text, _ = transformer.condition_embedder(timestep, encoder_hidden_states, None, timestep_seq_len=None)
+    timestep_proj = timestep_proj.unflatten(1, (6, -1))
+    for layer in transformer.blocks[:block]:
+        if use_checkpoint and torch.is_grad_enabled():
+            hidden = _checkpoint(layer, hidden, text, timestep_proj, rotary_emb, use_reentrant=False)
+        else:
+            hidden = layer(hidden, text, timestep_proj, rotary_emb)
+    transformer.blocks[block](hidden, text, timestep_proj, rotary_emb)
+
+
+def truncated_qk(
+    transformer,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    block: int,
+    *,
+    gradient_checkpointing: bool = False,
+    attention_kwargs: Optional[Dict[str, Any]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Q and K of ``blocks[block]``'s self-attention (after norm and RoPE) from a pass that stops right there.
+
+    Args:
+        transformer: diffusers ``WanTransformer3DModel``.
+        latents: (B, C, F, H, W) transformer input (in the transformer's dtype).
+        timestep: (B,) timesteps.
+        encoder_hidden_states: (B, T, text_dim) prompt embeddings.
+        block: motion block index.
+        gradient_checkpointing: recompute blocks [0, block) in backward (runs the blocks directly); otherwise the pass
+            goes through ``transformer.forward`` unchanged (hooks, LoRA scale, attention kwargs apply).
+
+    Returns:
+        q, k: (B, F', S, heads, head_dim), F' latent frames after temporal patching, S = Hg * Wg tokens per frame.
+    """
+    grid = token_grid_of(transformer, latents.shape)
+    with capture_qk(transformer, block, stop=True) as capture:
+        try:
+            if gradient_checkpointing:
+                set_token_grid(transformer, latents.shape)
+                _run_blocks_manually(transformer, latents, timestep, encoder_hidden_states, block, True)
+            else:
+                saved_flag = getattr(transformer, "gradient_checkpointing", False)
+                transformer.gradient_checkpointing = False  # a checkpointed motion block could not be replayed
+                try:
+                    transformer(
+                        hidden_states=latents,
+                        timestep=timestep,
+                        encoder_hidden_states=encoder_hidden_states,
+                        attention_kwargs=attention_kwargs,
+                        return_dict=False,
+                    )
+                finally:
+                    transformer.gradient_checkpointing = saved_flag
+        except StopForward:
+            pass
+        else:
+            raise RuntimeError(f"the truncated pass finished without reaching block {block}'s self-attention")
+        q, k = capture.query, capture.key
+    b, _, heads, dim = q.shape
+    frames, rows, cols = grid
+    shape = (b, frames, rows * cols, heads, dim)
+    return q.reshape(shape), k.reshape(shape)
+
+
+def reduce_heads(q: torch.Tensor, k: torch.Tensor, head_reduce: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, F, S, H, D) -> (B, F, S, D) head means for "mean_qk"; unchanged (per head) for "mean_flow"."""
+    if head_reduce == "mean_qk":
+        return q.mean(dim=3), k.mean(dim=3)
+    return q, k
+
+
+def compute_flow(
+    q: torch.Tensor, k: torch.Tensor, frame_shape: Tuple[int, int], config: MotionTransferConfig, *, reference: bool
+) -> MotionFlow:
+    """The recipe's attention motion flow of per-head q, k (B, F, S, H, D).
+
+    fastvmt: :func:`fastvmt_kernels.motion_flow` (sliding windows over pairs ``i <= j < i + span``), soft-argmax for
+    both videos. ditflow: global AMF over all ordered pairs, hard argmax for the reference (``reference=True``).
+    """
+    q, k = reduce_heads(q, k, config.head_reduce)
+    if config.recipe == "ditflow":
+        from .losses import ditflow_flow
+
+        if q.dim() == 5:  # mean_flow is not part of DiTFlow's recipe; average the logits' inputs as mean_qk
+            q, k = q.mean(dim=3), k.mean(dim=3)
+        flow, pairs = ditflow_flow(
+            q, k, frame_shape, temperature=config.temperature, hard=reference, backend=config.kernel_backend
+        )
+        return MotionFlow(flow=flow, pairs=pairs)
+    from fastvmt_kernels.motion_flow import motion_flow
+
+    flow, pairs, windows = motion_flow(
+        q,
+        k,
+        frame_shape,
+        tile=config.tile,
+        window=config.window,
+        span=config.span,
+        temperature=config.temperature,
+        backend=config.kernel_backend,
+        head_reduce=config.head_reduce,
+        return_windows=True,
+    )
+    return MotionFlow(flow=flow, pairs=pairs, windows=windows, key=k)
+
+
+def motion_loss(
+    generated: MotionFlow, reference: MotionFlow, frame_shape: Tuple[int, int], config: MotionTransferConfig
+) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """The recipe's guidance loss and its parts (floats, for logging).
+
+    fastvmt: ``amf_weight * amf_loss + window_weight * corresponding_window_loss`` (windows of the generated video);
+    ditflow: masked MSE between the flows.
+    """
+    from . import losses
+
+    if config.recipe == "ditflow":
+        loss = losses.ditflow_loss(generated.flow, reference.flow)
+        return loss, {"loss": float(loss.detach()), "amf": float(loss.detach())}
+    amf = losses.amf_loss(generated.flow, reference.flow, generated.pairs, config.span)
+    total = config.amf_weight * amf
+    parts = {"amf": float(amf.detach())}
+    if config.window_weight > 0:
+        window_term = losses.corresponding_window_loss(
+            generated.key, generated.windows, generated.pairs, frame_shape, config.window
+        )
+        total = total + config.window_weight * window_term
+        parts["window"] = float(window_term.detach())
+    parts["loss"] = float(total.detach())
+    return total, parts

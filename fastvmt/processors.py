@@ -1,0 +1,278 @@
+"""Attention processors for diffusers' Wan2.1 transformer (no edits to diffusers).
+
+- :class:`QKCaptureProcessor` records a block's self-attention Q and K after norm and RoPE and stops the forward
+  right there (the truncated guidance pass).
+- :class:`LocalAttnProcessor` replaces Wan's self-attention (``attn1``) with
+  :func:`fastvmt_kernels.local_attention`; cross-attention (``attn2``) is left to the stock path. It subclasses
+  ``WanAttnProcessor`` and so keeps ``_attention_backend`` / ``_parallel_config`` for diffusers' backend and
+  parallelism machinery.
+- :func:`apply_local_attention` installs it on a live transformer; ``phases`` chooses guidance passes, denoising
+  passes or both (the pipeline marks passes with :func:`attention_phase`).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
+
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+
+PHASES = ("guidance", "denoise")
+PHASE_CHOICES = ("both", "guidance", "denoise")
+DEFAULT_PHASE = "denoise"
+# Tile (t, y, x) tokens and window (t, y, x) in tiles of the drop-in local self-attention. The tile divides Wan2.1's
+# 480x832x81 token grid 21x30x52 exactly (7x3x13 tiles of 120 tokens); the window keeps 25.6% of the (query, key) pairs.
+DEFAULT_LOCAL_TILE = (3, 10, 4)
+DEFAULT_LOCAL_WINDOW = (5, 2, 7)
+GRID_ATTRIBUTE = "_fastvmt_token_grid"
+
+_phase_state = threading.local()
+
+
+def current_phase() -> str:
+    """The phase of the transformer passes now running: "guidance" or "denoise" (the default outside any marker)."""
+    return getattr(_phase_state, "phase", DEFAULT_PHASE)
+
+
+@contextlib.contextmanager
+def attention_phase(phase: str) -> Iterator[None]:
+    """Mark the transformer passes inside the block as ``phase`` ("guidance" or "denoise")."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    previous = current_phase()
+    _phase_state.phase = phase
+    try:
+        yield
+    finally:
+        _phase_state.phase = previous
+
+
+def _rotate(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved rotary embedding: x (B, L, H, D), cos/sin (1, L, 1, D)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def project_self_attention(
+    attn, hidden_states: torch.Tensor, rotary_emb: Optional[Tuple[torch.Tensor, torch.Tensor]]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K, V of a Wan self-attention exactly as ``WanAttnProcessor`` builds them.
+
+    Args:
+        attn: the ``WanAttention`` module (``attn1`` of a block).
+        hidden_states: (B, L, C) video tokens, raster order (frame, row, col).
+        rotary_emb: ``(cos, sin)`` each (1, L, 1, head_dim), or None.
+
+    Returns:
+        q, k, v: (B, L, heads, head_dim); q and k after RMS norm and RoPE.
+    """
+    query, key, value = _get_qkv_projections(attn, hidden_states, None)
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+    if rotary_emb is not None:
+        query = _rotate(query, *rotary_emb)
+        key = _rotate(key, *rotary_emb)
+    return query, key, value
+
+
+class StopForward(Exception):
+    """Raised by :class:`QKCaptureProcessor` to end a truncated pass right after the captured projections."""
+
+
+class QKCaptureProcessor(WanAttnProcessor):
+    """Self-attention processor that records Q and K (after norm and RoPE) and, by default, stops the forward.
+
+    After a call, ``query`` and ``key`` hold (B, L, heads, head_dim) tensors (with autograd history when grad is on).
+    With ``stop=True`` it raises :class:`StopForward` so no later computation (this block's attention, later blocks,
+    the output head) runs; with ``stop=False`` it computes the stock attention output too.
+    """
+
+    def __init__(self, stop: bool = True):
+        super().__init__()
+        self.stop = stop
+        self.query: Optional[torch.Tensor] = None
+        self.key: Optional[torch.Tensor] = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is not None:
+            raise ValueError("QKCaptureProcessor captures self-attention only; install it on an attn1 module")
+        self.query, self.key, _ = project_self_attention(attn, hidden_states, rotary_emb)
+        if self.stop:
+            raise StopForward()
+        return super().__call__(attn, hidden_states, None, attention_mask, rotary_emb)
+
+
+def _check_phases(phases: str) -> Tuple[str, ...]:
+    if phases not in PHASE_CHOICES:
+        raise ValueError(f"phases must be one of {PHASE_CHOICES}, got {phases!r}")
+    return PHASES if phases == "both" else (phases,)
+
+
+class LocalAttnProcessor(WanAttnProcessor):
+    """Wan self-attention through :func:`fastvmt_kernels.local_attention` (tiled spatiotemporal window).
+
+    Args:
+        tile: (tt, th, tw) tokens per tile.
+        window: (wt, wh, ww) window in tiles (a window covering the grid equals dense attention).
+        phases: "both", "guidance" or "denoise": in other phases the stock dense path runs.
+        backend: fastvmt_kernels backend ("auto": Triton on CUDA, the torch reference elsewhere).
+        grid: fixed (T, Hg, Wg) token grid; None reads it per call from the transformer (set by
+            :func:`apply_local_attention`'s pre-forward hook or :func:`set_token_grid`).
+
+    Cross-attention calls (``encoder_hidden_states`` given), attention masks and diffusers context parallelism fall
+    back to the stock ``WanAttnProcessor`` path.
+    """
+
+    def __init__(
+        self,
+        tile: Sequence[int] = DEFAULT_LOCAL_TILE,
+        window: Sequence[int] = DEFAULT_LOCAL_WINDOW,
+        phases: str = "both",
+        backend: str = "auto",
+        grid: Optional[Sequence[int]] = None,
+    ):
+        from fastvmt_kernels import TileLayout
+
+        super().__init__()
+        probe = TileLayout.create(grid or (1, 1, 1), tile, window)  # validates tile / window / grid
+        self.tile, self.window = probe.tile, probe.window
+        self.grid = probe.grid if grid is not None else None
+        self.phases = _check_phases(phases)
+        self.backend = backend
+        self._grid_source: Optional[_TokenGrid] = None
+
+    def active(self) -> bool:
+        """Whether the local path runs in the current phase."""
+        return current_phase() in self.phases
+
+    def token_grid(self) -> Tuple[int, int, int]:
+        """(T, Hg, Wg) of the current call."""
+        if self.grid is not None:
+            return self.grid
+        if self._grid_source is None or self._grid_source.value is None:
+            raise ValueError(
+                "LocalAttnProcessor does not know the token grid: install it with fastvmt.apply_local_attention("
+                "transformer, ...) (which tracks the latent shape per call) or pass grid=(T, Hg, Wg)"
+            )
+        return self._grid_source.value
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        local = (
+            encoder_hidden_states is None
+            and attention_mask is None
+            and self._parallel_config is None
+            and attn.add_k_proj is None
+            and self.active()
+        )
+        if not local:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        from fastvmt_kernels import local_attention
+
+        query, key, value = project_self_attention(attn, hidden_states, rotary_emb)
+        out = local_attention(query, key, value, self.token_grid(), self.tile, self.window, backend=self.backend)
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+class _TokenGrid:
+    """Mutable holder of the transformer's current (T, Hg, Wg) token grid, shared by its local processors."""
+
+    def __init__(self) -> None:
+        self.value: Optional[Tuple[int, int, int]] = None
+        self.hook = None
+
+
+def token_grid_of(transformer, latents_shape: Sequence[int]) -> Tuple[int, int, int]:
+    """(T, Hg, Wg) tokens for a latent of shape (B, C, F, H, W) under the transformer's patch size."""
+    p_t, p_h, p_w = transformer.config.patch_size
+    _, _, frames, height, width = latents_shape
+    return (frames // p_t, height // p_h, width // p_w)
+
+
+def set_token_grid(transformer, latents_shape: Sequence[int]) -> None:
+    """Record the token grid for a pass that does not go through ``transformer.forward`` (truncated passes)."""
+    holder = getattr(transformer, GRID_ATTRIBUTE, None)
+    if holder is not None:
+        holder.value = token_grid_of(transformer, latents_shape)
+
+
+def _track_token_grid(transformer) -> _TokenGrid:
+    holder = getattr(transformer, GRID_ATTRIBUTE, None)
+    if holder is not None:
+        return holder
+    holder = _TokenGrid()
+
+    def pre_forward(module, args, kwargs):
+        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden_states is not None:
+            holder.value = token_grid_of(module, hidden_states.shape)
+
+    holder.hook = transformer.register_forward_pre_hook(pre_forward, with_kwargs=True)
+    setattr(transformer, GRID_ATTRIBUTE, holder)
+    return holder
+
+
+def _self_attention_keys(transformer, blocks: Optional[Iterable[int]]) -> Sequence[str]:
+    num_blocks = len(transformer.blocks)
+    if blocks is None:
+        chosen = range(num_blocks)
+    else:
+        chosen = sorted(set(blocks))
+        bad = [b for b in chosen if not isinstance(b, int) or b < 0 or b >= num_blocks]
+        if bad:
+            raise ValueError(f"blocks must be indices in [0, {num_blocks}), got {bad}")
+    return [f"blocks.{i}.attn1.processor" for i in chosen]
+
+
+def apply_local_attention(
+    transformer,
+    tile: Sequence[int] = DEFAULT_LOCAL_TILE,
+    window: Sequence[int] = DEFAULT_LOCAL_WINDOW,
+    blocks: Optional[Iterable[int]] = None,
+    phases: str = "both",
+    backend: str = "auto",
+) -> Dict[str, object]:
+    """Replace the self-attention of ``blocks`` (default: all) of a Wan transformer with local attention.
+
+    Args:
+        transformer: a diffusers ``WanTransformer3DModel``.
+        tile: (tt, th, tw) tokens per tile; window: (wt, wh, ww) in tiles.
+        blocks: block indices to patch, None for every block.
+        phases: "both", "guidance" (only the motion-guidance passes) or "denoise" (only the denoising passes).
+        backend: fastvmt_kernels backend.
+
+    Returns:
+        The previous processors (a dict for ``transformer.set_attn_processor``, which undoes the patch).
+    """
+    previous = dict(transformer.attn_processors)
+    keys = _self_attention_keys(transformer, blocks)
+    holder = _track_token_grid(transformer)
+    processor = LocalAttnProcessor(tile=tile, window=window, phases=phases, backend=backend)
+    processor._grid_source = holder
+    updated = dict(previous)
+    for key in keys:
+        updated[key] = processor
+    transformer.set_attn_processor(updated)
+    return previous
+
+
+@contextlib.contextmanager
+def capture_qk(transformer, block: int, stop: bool = True) -> Iterator[QKCaptureProcessor]:
+    """Install a :class:`QKCaptureProcessor` on ``blocks[block].attn1`` and restore the previous one on exit."""
+    num_blocks = len(transformer.blocks)
+    if not (isinstance(block, int) and 0 <= block < num_blocks):
+        raise ValueError(f"motion block must be in [0, {num_blocks}) for this transformer, got {block!r}")
+    attn = transformer.blocks[block].attn1
+    previous = attn.processor
+    capture = QKCaptureProcessor(stop=stop)
+    attn.set_processor(capture)
+    try:
+        yield capture
+    finally:
+        attn.set_processor(previous)

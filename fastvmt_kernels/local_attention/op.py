@@ -1,0 +1,257 @@
+"""Launchers and the ``torch.library`` custom ops of the Triton local-attention kernels.
+
+Ops (traceable by ``torch.compile``, with fake implementations):
+    ``fastvmt::local_attention_fwd(q, k, v, grid, tile, window, scale) -> (out, lse)``
+    ``fastvmt::local_attention_bwd(dout, q, k, v, out, lse, dlse, grid, tile, window, scale) -> (dq, dk, dv)``
+Autograd is registered on the forward op, so gradients flow to q, k, v (and through ``lse`` when it is used).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..layout import TileLayout
+from . import kernels
+
+HEAD_DIM_ACCEPTED = "multiples of 16 up to 256"
+
+
+def check_head_dim(head_dim: int) -> None:
+    """Raise a ValueError unless ``head_dim`` is a multiple of 16 in [16, 256]."""
+    if head_dim % kernels.HEAD_DIM_MULTIPLE != 0 or not 0 < head_dim <= kernels.MAX_HEAD_DIM:
+        raise ValueError(f"head dim D = {head_dim} unsupported by the triton backend; accepted: {HEAD_DIM_ACCEPTED}")
+
+
+def check_device(t: torch.Tensor) -> None:
+    """CUDA tensors run compiled; CPU tensors only under the Triton interpreter (TRITON_INTERPRET=1)."""
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and kernels.INTERPRET:
+        return
+    raise ValueError(
+        f"triton backend got a tensor on {t.device}; accepted: CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
+        "set before triton is imported"
+    )
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its head dim is unit-stride (any B/L/H strides are fine), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
+    """(stride_b, stride_l, stride_h) in elements of a (B, L, H, D) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+@functools.lru_cache(maxsize=64)
+def _query_range_table(layout: TileLayout, device: torch.device) -> torch.Tensor:
+    """int32 [lo_t, lo_y, lo_x, hi_t, hi_y, hi_x] (concatenated per-axis tile ranges), built once per layout.
+
+    For key tile c on an axis, the query tiles whose windows contain c are [lo[c], hi[c]) -- contiguous
+    because the window start is monotone in the query tile.
+    """
+    lows, highs = [], []
+    for axis in range(3):
+        n = layout.num_tiles[axis]
+        tiles = torch.arange(n)
+        start = layout.window_starts(axis, tiles)  # window of query tile q: [start[q], start[q] + w)
+        contains = (tiles[None, :] >= start[:, None]) & (tiles[None, :] < start[:, None] + layout.window_tiles[axis])
+        idx = torch.arange(n)[:, None].expand(n, n)  # (query, key)
+        lows.append(torch.where(contains, idx, n).min(0).values)
+        highs.append(torch.where(contains, idx, -1).max(0).values + 1)
+    return torch.cat(lows + highs).to(torch.int32).to(device)
+
+
+def _window_args(layout: TileLayout) -> Tuple[int, ...]:
+    """(w_t, w_y, w_x, half_t, half_y, half_x) with w = min(window, n) and half = (window - 1) // 2."""
+    return (*layout.window_tiles, *((w - 1) // 2 for w in layout.window))
+
+
+def _common(q: torch.Tensor, layout: TileLayout):
+    head_dim = q.shape[-1]
+    elem = q.element_size()
+    constexprs = kernels.layout_constexprs(layout.grid, layout.tile, head_dim, kernels.dot_precision(elem))
+    return kernels.kernel_configs(head_dim, elem), constexprs
+
+
+def _num_tiles(layout: TileLayout) -> int:
+    nt, ny, nx = layout.num_tiles
+    return nt * ny * nx
+
+
+def launch_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TileLayout,
+    scale: float,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel. q, k, v: (B, L, H, D) (views ok); out: (B, L, H, D), lse: (B, H, L) fp32.
+
+    ``out`` / ``lse`` may be passed pre-allocated (any (B, L, H, D) strides with unit D stride; lse contiguous),
+    which the tests use to poison them.
+    """
+    q, k, v = (_rows_view(t) for t in (q, k, v))
+    b, seq, h, d = q.shape
+    if out is None:
+        out = torch.empty((b, seq, h, d), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((b, h, seq), dtype=torch.float32, device=q.device)
+    configs, constexprs = _common(q, layout)
+    cfg = configs["fwd"]
+    block_m, block_n = kernels.block_sizes(cfg, layout.tile_volume)
+    grid = (_num_tiles(layout) * math.ceil(layout.tile_volume / block_m), b * h)
+    with _device_guard(q):
+        kernels.local_attention_fwd_kernel[grid](
+            q, k, v, out, lse,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            h, *layout.grid, *_window_args(layout), scale * kernels.LOG2E.value,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
+        )
+    return out, lse
+
+
+def launch_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    layout: TileLayout,
+    scale: float,
+    dq: Optional[torch.Tensor] = None,
+    dk: Optional[torch.Tensor] = None,
+    dv: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the dq (+delta) and dk/dv kernels. All (B, L, H, D) except lse / dlse (B, H, L) fp32.
+
+    dq, dk, dv may be passed pre-allocated (dk and dv must share strides), as the poisoning tests do.
+    """
+    dout, q, k, v, out = (_rows_view(t) for t in (dout, q, k, v, out))
+    b, seq, h, d = q.shape
+    lse = lse.contiguous()
+    if dlse is not None:
+        dlse = dlse.to(torch.float32).contiguous()
+    if dq is None:
+        dq = torch.empty((b, seq, h, d), dtype=q.dtype, device=q.device)
+    if dk is None:
+        dk = torch.empty((b, seq, h, d), dtype=q.dtype, device=q.device)
+    if dv is None:
+        dv = torch.empty_like(dk)
+    if dk.stride() != dv.stride():
+        raise ValueError(f"dk and dv must share strides, got {dk.stride()} and {dv.stride()}")
+    delta = torch.empty((b, h, seq), dtype=torch.float32, device=q.device)
+    configs, constexprs = _common(q, layout)
+    tiles = _num_tiles(layout)
+    table = _query_range_table(layout, q.device)
+    qk_scale = scale * kernels.LOG2E.value
+    with _device_guard(q):
+        cfg = configs["dq"]
+        block_m, block_n = kernels.block_sizes(cfg, layout.tile_volume)
+        kernels.local_attention_dq_kernel[(tiles * math.ceil(layout.tile_volume / block_m), b * h)](
+            q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq),
+            h, *layout.grid, *_window_args(layout), scale, qk_scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, HAS_DLSE=dlse is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
+        )
+        cfg = configs["dkdv"]
+        block_m, block_n = kernels.block_sizes(cfg, layout.tile_volume)
+        kernels.local_attention_dkdv_kernel[(tiles * math.ceil(layout.tile_volume / block_n), b * h)](
+            q, k, v, dout, lse, delta, dk, dv, table,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
+            h, *layout.grid, scale, qk_scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
+        )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library custom ops
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvmt::local_attention_fwd", mutates_args=())
+def local_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: List[int], tile: List[int], window: List[int], scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward custom op: (out (B, L, H, D), lse (B, H, L) fp32)."""
+    return launch_forward(q, k, v, TileLayout.create(grid, tile, window), scale)
+
+
+@local_attention_fwd_op.register_fake
+def _fwd_fake(q, k, v, grid, tile, window, scale):
+    b, seq, h, d = q.shape
+    return q.new_empty((b, seq, h, d)), q.new_empty((b, h, seq), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvmt::local_attention_bwd", mutates_args=())
+def local_attention_bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    grid: List[int],
+    tile: List[int],
+    window: List[int],
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward custom op: (dq, dk, dv), each (B, L, H, D) in q's dtype."""
+    return launch_backward(dout, q, k, v, out, lse, dlse, TileLayout.create(grid, tile, window), scale)
+
+
+@local_attention_bwd_op.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, dlse, grid, tile, window, scale):
+    b, seq, h, d = q.shape
+    return tuple(q.new_empty((b, seq, h, d)) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, grid, tile, window, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.geometry = (grid, tile, window, scale)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    grid, tile, window, scale = ctx.geometry
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = local_attention_bwd_op(dout, q, k, v, out, lse, dlse, grid, tile, window, scale)
+    return dq, dk, dv, None, None, None, None
+
+
+local_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def local_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout, scale: Optional[float] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton local attention. q, k, v: (B, L, H, D) (validated by the caller for rank/dtype/device/L).
+
+    Returns out (B, L, H, D) in q's dtype and lse (B, H, L) fp32 natural log; differentiable.
+    """
+    check_head_dim(q.shape[-1])
+    check_device(q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return local_attention_fwd_op(q, k, v, list(layout.grid), list(layout.tile), list(layout.window), scale)
+
+
+__all__ = ["local_attention_triton", "launch_forward", "launch_backward", "check_head_dim"]

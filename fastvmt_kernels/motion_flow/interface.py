@@ -1,0 +1,127 @@
+"""Public entry point: :func:`motion_flow` (coarse-to-fine local attention motion flow, FastVMT's AMF)."""
+from __future__ import annotations
+
+import os
+from typing import Sequence, Tuple, Union
+
+import torch
+
+from .._checks import check_tensors, resolve_backend
+from .geometry import FlowGeometry
+from .reference import motion_flow_reference
+
+HEAD_REDUCTIONS = ("mean_qk", "mean_flow")
+# Head dims the Triton kernels compile for: multiples of TRITON_DIM_MULTIPLE up to TRITON_MAX_DIM.
+TRITON_DIM_MULTIPLE = 16
+TRITON_MAX_DIM = 256
+
+
+def _validate(q, k, geo: FlowGeometry, span, temperature, head_reduce) -> None:
+    rank = q.dim() if isinstance(q, torch.Tensor) else -1
+    if rank not in (4, 5):
+        got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"q must have 4 dims (B, F, S, D) or 5 dims (B, F, S, H, D), got {got}")
+    check_tensors(("q", "k"), (q, k), rank, "(B, F, S, D) or (B, F, S, H, D)")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[2] != geo.num_tokens:
+        raise ValueError(f"frame_shape {geo.frame} has {geo.num_tokens} tokens but q has S = {q.shape[2]}")
+    if min(q.shape) < 1:
+        raise ValueError(f"q must not be empty, got shape {tuple(q.shape)}")
+    if not isinstance(span, int) or isinstance(span, bool) or span < 1:
+        raise ValueError(f"span must be an int >= 1, got {span!r}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+    if head_reduce not in HEAD_REDUCTIONS:
+        raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}")
+    if rank == 4 and head_reduce != "mean_qk":
+        raise ValueError(
+            "head_reduce='mean_flow' needs per-head q, k of shape (B, F, S, H, D); "
+            f"got 4-D q {tuple(q.shape)} (already head-averaged: use head_reduce='mean_qk')"
+        )
+
+
+def _flow_4d(q, k, geo, span, temperature, backend):
+    """(flow, pairs, windows) for head-averaged (B, F, S, D) inputs on the chosen backend."""
+    if backend == "torch":
+        return motion_flow_reference(q, k, geo, span, float(temperature))
+    dim = q.shape[-1]
+    if dim % TRITON_DIM_MULTIPLE or dim > TRITON_MAX_DIM:
+        raise ValueError(
+            f"the triton backend needs D a multiple of {TRITON_DIM_MULTIPLE} up to {TRITON_MAX_DIM}, got D = {dim}; "
+            "use backend='torch' for other head dims"
+        )
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
+    from .op import motion_flow_triton
+
+    return motion_flow_triton(q, k, geo, span, float(temperature))
+
+
+def motion_flow(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    frame_shape: Sequence[int],
+    *,
+    tile: Sequence[int] = (3, 4),
+    window: Union[int, Sequence[int]] = 21,
+    span: int = 4,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    head_reduce: str = "mean_qk",
+    return_windows: bool = False,
+) -> Union[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Attention motion flow (AMF) between frame pairs by a coarse-to-fine windowed soft-argmax.
+
+    For every pair (i, j) with ``0 <= i < F`` and ``i <= j < min(F, i + span)`` (ordered by i, then j):
+
+    - **Coarse pass** (no gradient): frame i is cut into tiles of ``tile = (th, tw)`` tokens from the top-left
+      (the last row / column of tiles may be partial). Each tile's mean query attends all S keys of frame j with
+      logits ``temperature * q.k / sqrt(D)``; the softmax-weighted mean key position ``c = (c_y, c_x)`` picks the
+      window origin ``o_a = clamp(floor(c_a + 0.5) - window_a // 2, 0, frame_a - l_a)`` with
+      ``l_a = min(window_a, frame_a)`` (the origin is clamped, not the coordinates).
+    - **Fine pass**: every query token p of the tile takes the softmax of ``temperature * q_p.k / sqrt(D)`` over the
+      ``l_y x l_x`` keys of the window; ``flow[b, pair, p] = E[key position] - position(p)``, absolute (dy, dx)
+      in token units. A window covering the frame gives the global (DiTFlow) soft-argmax AMF.
+
+    Gradients reach q and k through the fine pass only; window origins are constants.
+
+    Heads: 4-D q, k are head-averaged by the caller (FastVMT's ``mean_qk``). 5-D q, k (B, F, S, H, D) take
+    ``head_reduce="mean_qk"`` (q and k averaged over heads here) or ``"mean_flow"`` (each head runs its own coarse
+    and fine pass; the flows are averaged over heads). DiTFlow averages the per-head logits, which equals one dot
+    product over all heads' concatenated channels divided by H: pass ``q.flatten(-2)``, ``k.flatten(-2)`` (D' = H*D)
+    as 4-D inputs with ``temperature = tau / sqrt(H)`` to reproduce DiTFlow's temperature ``tau``.
+
+    Args:
+        q, k: (B, F, S, D) or (B, F, S, H, D); S = Hf * Wf tokens of one frame in raster order (y, then x).
+            float16 / bfloat16 / float32, one dtype and one device.
+        frame_shape: (Hf, Wf) tokens per frame.
+        tile: (th, tw) tokens per tile.
+        window: window side in tokens, an int or (wy, wx); each >= 1 (a window larger than the frame is clamped).
+        span: temporal extent (>= 1): frame i is paired with i, ..., i + span - 1.
+        temperature: positive logit multiplier.
+        backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise), "triton" (CUDA, or CPU under
+            TRITON_INTERPRET=1; D a multiple of 16 up to 256) or "torch" (chunked fp32 reference, any D).
+        head_reduce: "mean_qk" or "mean_flow" (5-D inputs only), see above.
+        return_windows: also return the window origins.
+
+    Returns:
+        ``flow`` (B, P, S, 2) float32, (dy, dx) per token of frame i in raster order; ``pairs`` (P, 2) int64 on q's
+        device; with ``return_windows`` also ``windows`` int64 (oy, ox) origins: (B, P, n_tiles, 2) for 4-D inputs
+        and ``mean_qk``, (B, P, H, n_tiles, 2) for ``mean_flow`` (one origin per head); tiles in raster order over
+        the ``(ceil(Hf / th), ceil(Wf / tw))`` tile grid of frame i.
+    """
+    geo = FlowGeometry.create(frame_shape, tile, window)
+    _validate(q, k, geo, span, temperature, head_reduce)
+    chosen = resolve_backend(backend, q.device)
+    if q.dim() == 5 and head_reduce == "mean_qk":
+        q, k = q.mean(dim=3), k.mean(dim=3)
+    if q.dim() == 4:
+        flow, pairs, windows = _flow_4d(q, k, geo, span, temperature, chosen)
+    else:
+        b, f, s, h, d = q.shape
+        per_head = lambda t: t.permute(0, 3, 1, 2, 4).reshape(b * h, f, s, d)  # noqa: E731
+        flow, pairs, windows = _flow_4d(per_head(q), per_head(k), geo, span, temperature, chosen)
+        flow = flow.reshape(b, h, *flow.shape[1:]).mean(dim=1)
+        windows = windows.reshape(b, h, *windows.shape[1:]).transpose(1, 2)
+    return (flow, pairs, windows) if return_windows else (flow, pairs)

@@ -1,0 +1,210 @@
+"""torch.library custom ops around the motion-flow Triton kernels (forward, backward, fake tensors, autograd).
+
+``fastvmt::motion_flow_fwd(q, k, pairs, ...) -> (flow, windows, lse)`` and
+``fastvmt::motion_flow_bwd(grad_flow, q, k, pairs, windows, flow, lse, ...) -> (dq, dk)``; the forward registers the
+backward through ``register_autograd`` so the op is differentiable and traceable by torch.compile.
+The launchers take preallocated outputs so tests can poison them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import triton
+
+from .geometry import FlowGeometry, make_pairs
+from .kernels import (
+    COARSE_BLOCK_M,
+    COARSE_BLOCK_N,
+    FINE_BLOCK_N,
+    LOG2E,
+    MIN_BLOCK_Q,
+    NUM_STAGES,
+    NUM_WARPS,
+    _coarse_kernel,
+    _fine_bwd_kernel,
+    _fine_fwd_kernel,
+)
+
+Tensor = torch.Tensor
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in IEEE fp32 (TF32 would cost ~1e-3 relative error in the logits)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_q(geo: FlowGeometry) -> int:
+    return max(MIN_BLOCK_Q, triton.next_power_of_2(geo.tile[0] * geo.tile[1]))
+
+
+def tile_mean_queries(q: Tensor, geo: FlowGeometry) -> Tensor:
+    """(B, F, n_tiles, D) mean query of every tile (ragged tiles average their real tokens), in q's dtype.
+
+    The sum is accumulated in fp32 and the mean rounded once to q's dtype for the tensor-core dot of the coarse
+    pass. No fp32 copy of q is made; a zero-padded copy of q exists only when the frame is not a whole number of
+    tiles.
+    """
+    b, f, _, d = q.shape
+    (hf, wf), (th, tw), (ny, nx) = geo.frame, geo.tile, geo.tile_grid
+    grid = q.reshape(b, f, hf, wf, d)
+    if (ny * th, nx * tw) != (hf, wf):
+        grid = torch.nn.functional.pad(grid, (0, 0, 0, nx * tw - wf, 0, ny * th - hf))
+    sums = grid.reshape(b, f, ny, th, nx, tw, d).sum(dim=(3, 5), dtype=torch.float32)  # (B, F, ny, nx, D)
+    rows = torch.clamp(hf - torch.arange(ny, device=q.device) * th, max=th)
+    cols = torch.clamp(wf - torch.arange(nx, device=q.device) * tw, max=tw)
+    counts = (rows[:, None] * cols[None, :]).to(torch.float32)[..., None]
+    return (sums / counts).to(q.dtype).reshape(b, f, ny * nx, d)
+
+
+def pair_tables(pairs: Tensor, num_frames: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """int32 (pair_i, pair_j, pair_offsets): pairs of frame i are rows pair_offsets[i] .. pair_offsets[i + 1] - 1."""
+    counts = torch.bincount(pairs[:, 0], minlength=num_frames)
+    offsets = torch.zeros(num_frames + 1, dtype=torch.int32, device=pairs.device)
+    offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return pairs[:, 0].to(torch.int32).contiguous(), pairs[:, 1].to(torch.int32).contiguous(), offsets
+
+
+def launch_coarse(q: Tensor, k: Tensor, pairs: Tensor, geo: FlowGeometry, temperature: float, windows: Tensor) -> None:
+    """Fill ``windows`` (B, P, n_tiles, 2) int64 with the coarse-pass origins. q, k: (B, F, S, D) contiguous."""
+    b, f, seq, dim = q.shape
+    if geo.covers_frame:
+        windows.zero_()
+        return
+    qrep = tile_mean_queries(q, geo)
+    pair_i, pair_j, _ = pair_tables(pairs, f)
+    n_tiles = geo.num_tiles
+    grid = (triton.cdiv(n_tiles, COARSE_BLOCK_M), pairs.shape[0], b)
+    _coarse_kernel[grid](
+        qrep, k, pair_i, pair_j, windows,
+        qrep.stride(0), qrep.stride(1), qrep.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        windows.stride(0), windows.stride(1), windows.stride(2),
+        n_tiles, seq, geo.frame[1], geo.window[0] // 2, geo.window[1] // 2, geo.max_origin[0], geo.max_origin[1],
+        temperature / math.sqrt(dim) * LOG2E,
+        HEAD_DIM=dim, BLOCK_M=COARSE_BLOCK_M, BLOCK_N=COARSE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+
+
+def launch_fine_forward(
+    q: Tensor, k: Tensor, pairs: Tensor, windows: Tensor, geo: FlowGeometry, temperature: float,
+    flow: Tensor, lse: Tensor,
+) -> None:
+    """Fill ``flow`` (B, P, S, 2) fp32 and ``lse`` (B, P, S) fp32 (base 2). q, k: (B, F, S, D) contiguous."""
+    b, f, _, dim = q.shape
+    pair_i, pair_j, _ = pair_tables(pairs, f)
+    grid = (geo.num_tiles, pairs.shape[0], b)
+    _fine_fwd_kernel[grid](
+        q, k, pair_i, pair_j, windows, flow, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        windows.stride(0), windows.stride(1), windows.stride(2),
+        flow.stride(0), flow.stride(1), flow.stride(2),
+        lse.stride(0), lse.stride(1),
+        geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], *geo.window_sides,
+        temperature / math.sqrt(dim) * LOG2E,
+        HEAD_DIM=dim, BLOCK_Q=_block_q(geo), BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+
+
+def launch_fine_backward(
+    grad_flow: Tensor, q: Tensor, k: Tensor, pairs: Tensor, windows: Tensor, flow: Tensor, lse: Tensor,
+    geo: FlowGeometry, temperature: float, dq: Tensor, dk_acc: Tensor,
+) -> None:
+    """Write ``dq`` (B, F, S, D, q's dtype) and add into ``dk_acc`` (B, F, S, D fp32, zeroed by the caller)."""
+    b, f, _, dim = q.shape
+    _, pair_j, pair_off = pair_tables(pairs, f)
+    grad_flow = grad_flow.float().contiguous()
+    grid = (geo.num_tiles, f, b)
+    _fine_bwd_kernel[grid](
+        q, k, pair_j, pair_off, windows, flow, lse, grad_flow, dq, dk_acc,
+        q.stride(0), q.stride(1), q.stride(2),
+        windows.stride(0), windows.stride(1), windows.stride(2),
+        flow.stride(0), flow.stride(1), flow.stride(2),
+        lse.stride(0), lse.stride(1),
+        grad_flow.stride(0), grad_flow.stride(1), grad_flow.stride(2),
+        geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], *geo.window_sides,
+        temperature / math.sqrt(dim) * LOG2E, temperature / math.sqrt(dim),
+        HEAD_DIM=dim, BLOCK_Q=_block_q(geo), BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+
+
+def _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w) -> FlowGeometry:
+    return FlowGeometry((frame_h, frame_w), (tile_h, tile_w), (window_h, window_w))
+
+
+@torch.library.custom_op("fastvmt::motion_flow_fwd", mutates_args=())
+def motion_flow_fwd(
+    q: Tensor, k: Tensor, pairs: Tensor,
+    frame_h: int, frame_w: int, tile_h: int, tile_w: int, window_h: int, window_w: int, temperature: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(flow (B, P, S, 2) fp32, windows (B, P, n_tiles, 2) int64, lse (B, P, S) fp32) for contiguous q, k."""
+    geo = _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w)
+    b, _, seq, _ = q.shape
+    p = pairs.shape[0]
+    windows = torch.empty(b, p, geo.num_tiles, 2, dtype=torch.int64, device=q.device)
+    flow = torch.empty(b, p, seq, 2, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, p, seq, dtype=torch.float32, device=q.device)
+    launch_coarse(q, k, pairs, geo, temperature, windows)
+    launch_fine_forward(q, k, pairs, windows, geo, temperature, flow, lse)
+    return flow, windows, lse
+
+
+@motion_flow_fwd.register_fake
+def _motion_flow_fwd_fake(q, k, pairs, frame_h, frame_w, tile_h, tile_w, window_h, window_w, temperature):
+    geo = _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w)
+    b, _, seq, _ = q.shape
+    p = pairs.shape[0]
+    return (
+        q.new_empty(b, p, seq, 2, dtype=torch.float32),
+        q.new_empty(b, p, geo.num_tiles, 2, dtype=torch.int64),
+        q.new_empty(b, p, seq, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("fastvmt::motion_flow_bwd", mutates_args=())
+def motion_flow_bwd(
+    grad_flow: Tensor, q: Tensor, k: Tensor, pairs: Tensor, windows: Tensor, flow: Tensor, lse: Tensor,
+    frame_h: int, frame_w: int, tile_h: int, tile_w: int, window_h: int, window_w: int, temperature: float,
+) -> Tuple[Tensor, Tensor]:
+    """(dq, dk) in q's dtype, (B, F, S, D), for the fine pass (window origins are constants)."""
+    geo = _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w)
+    dq = torch.empty_like(q)
+    dk_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    launch_fine_backward(grad_flow, q, k, pairs, windows, flow, lse, geo, temperature, dq, dk_acc)
+    return dq, dk_acc.to(k.dtype)
+
+
+@motion_flow_bwd.register_fake
+def _motion_flow_bwd_fake(grad_flow, q, k, pairs, windows, flow, lse, *args):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, pairs, *geometry = inputs
+    flow, windows, lse = output
+    ctx.save_for_backward(q, k, pairs, windows, flow, lse)
+    ctx.geometry = geometry
+
+
+def _backward(ctx, grad_flow, grad_windows, grad_lse):
+    q, k, pairs, windows, flow, lse = ctx.saved_tensors
+    dq, dk = motion_flow_bwd(grad_flow, q, k, pairs, windows, flow, lse, *ctx.geometry)
+    return (dq, dk, None) + (None,) * len(ctx.geometry)
+
+
+motion_flow_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def motion_flow_triton(
+    q: Tensor, k: Tensor, geo: FlowGeometry, span: int, temperature: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(flow, pairs, windows) by the Triton kernels; q, k: (B, F, S, D) with D a multiple of 16 up to 256."""
+    pairs = make_pairs(q.shape[1], span, q.device)
+    flow, windows, _ = motion_flow_fwd(
+        q.contiguous(), k.contiguous(), pairs, *geo.frame, *geo.tile, *geo.window, float(temperature)
+    )
+    return flow, pairs, windows

@@ -1,0 +1,72 @@
+"""``fastvmt transfer`` end to end on a tiny random Wan2.1 pipeline folder (with the Wan VAE), CPU."""
+import pytest
+from _wan_tiny import moving_square_video, single_thread, tiny_pipeline_dir
+
+from fastvmt.cli import build_parser, main
+from fastvmt.video_io import load_video, write_video
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from single_thread()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_pipeline_dir(tmp_path_factory.mktemp("wan_tiny"), vae=True)
+
+
+@pytest.fixture(scope="module")
+def reference_path(tmp_path_factory):
+    frames = moving_square_video(11, 48, 64).permute(0, 2, 3, 1).numpy()
+    return str(write_video(frames, tmp_path_factory.mktemp("ref") / "reference.mp4", fps=8))
+
+
+def _args(model_dir, reference, out, *extra):
+    return [
+        "transfer", "--model", model_dir, "--reference", reference, "--prompt", "a cat runs", "--out", str(out),
+        "--height", "32", "--width", "48", "--num-frames", "9", "--steps", "2", "--guided-steps", "1",
+        "--motion-block", "1", "--max-sequence-length", "16", *extra,
+    ]
+
+
+def test_help_lists_transfer():
+    help_text = build_parser().format_help()
+    assert "transfer" in help_text
+
+
+@pytest.mark.parametrize("extra", [(), ("--recipe", "ditflow", "--local-attention", "both", "--local-window", "1,1,1")])
+def test_transfer_writes_video_of_requested_size(model_dir, reference_path, tmp_path, capsys, extra):
+    out = tmp_path / "out" / "result.mp4"
+    assert main(_args(model_dir, reference_path, out, *extra)) == 0
+    video = load_video(out)
+    assert video.shape == (9, 3, 32, 48)
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(reference="missing.mp4"), "does not exist"),
+        (dict(reference="corrupt.mp4"), "cannot read video"),
+        (dict(flags=("--num-frames", "13")), "has 11 frames but 13 are requested"),
+        (dict(flags=("--height", "40")), "multiples of 16"),
+        (dict(flags=("--num-frames", "8")), r"4k \+ 1"),
+        (dict(flags=("--guided-steps", "-1")), "guided_steps must be an int >= 0"),
+        (dict(out="result.avi"), "--out must end with"),
+    ],
+)
+def test_bad_input_fails_cleanly_without_output(model_dir, reference_path, tmp_path, capsys, change, match):
+    (tmp_path / "corrupt.mp4").write_bytes(b"garbage" * 20)
+    reference = str(tmp_path / change["reference"]) if "reference" in change else reference_path
+    out = tmp_path / change.get("out", "result.mp4")
+    code = main(_args(model_dir, reference, out, *change.get("flags", ())))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    import re
+
+    assert re.search(match, err), err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.mp4"]

@@ -1,0 +1,176 @@
+"""Triton local attention (forward, dq, dk, dv) against the chunked reference and a dense masked softmax.
+
+Runs under the Triton interpreter on CPU (shapes kept tiny: cost ~ programs x loop steps), or compiled on
+CUDA with FASTVMT_GPU_TESTS=1.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvmt_kernels import TileLayout, local_attention, local_attention_mask
+from fastvmt_kernels.local_attention import kernels, op
+from fastvmt_kernels.local_attention.reference import local_attention_reference
+
+from _utils import POISON, REL_TOL, assert_rel_close
+
+
+def dense_masked(q, k, v, mask, scale):
+    """Independent fp64 dense masked softmax: (out (B, L, H, D), lse (B, H, L))."""
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    logits = logits.masked_fill(~mask.to(q.device), float("-inf"))
+    lse = logits.logsumexp(-1)
+    return torch.einsum("bhqk,bkhd->bqhd", (logits - lse[..., None]).exp(), v.double()), lse
+
+
+def random_qkv(b, seq, h, d, dtype, device):
+    return [torch.randn(b, seq, h, d, device=device).to(dtype).requires_grad_() for _ in range(3)]
+
+
+CASES = {
+    # name: (dtype, B, H, D, grid, tile, window)
+    "ragged-all-axes-borders-fp32": (torch.float32, 1, 1, 16, (3, 5, 7), (2, 2, 3), (1, 2, 3)),
+    "even-grid-padded-tile-fp16": (torch.float16, 2, 1, 32, (2, 6, 8), (1, 3, 4), (2, 1, 1)),
+    "pow2-tile-unmasked-bf16": (torch.bfloat16, 1, 2, 64, (2, 4, 16), (1, 4, 8), (1, 1, 1)),
+    "multi-block-tile-odd-D-fp32": (torch.float32, 1, 1, 48, (1, 6, 20), (1, 6, 8), (1, 1, 2)),
+    "ragged-t-only-bf16": (torch.bfloat16, 2, 2, 32, (5, 2, 4), (2, 2, 4), (2, 1, 1)),
+    # the last t-tile holds 1 of 2 frames: its second 32-row block has no valid token at all
+    "ragged-tile-with-empty-block-fp32": (torch.float32, 1, 1, 16, (3, 4, 8), (2, 4, 8), (1, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_gradients_match_reference_and_dense(name, device):
+    dtype, b, h, d, grid, tile, window = CASES[name]
+    layout = TileLayout.create(grid, tile, window)
+    q, k, v = random_qkv(b, layout.num_tokens, h, d, dtype, device)
+    out, lse = local_attention(q, k, v, grid, tile, window, backend="triton", return_lse=True)
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse)  # lse is differentiable (ring attention merges use it)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
+
+    ref_out, ref_lse = local_attention_reference(q, k, v, layout)
+    ref_grads = torch.autograd.grad((ref_out, ref_lse), (q, k, v), (dout, dlse))
+    mask = local_attention_mask(grid, tile, window)
+    dense_out, dense_lse = dense_masked(q, k, v, mask, d**-0.5)
+    dense_grads = torch.autograd.grad((dense_out, dense_lse), (q, k, v), (dout.double(), dlse.double()))
+
+    tol = REL_TOL[dtype]
+    for expected_out, expected_lse, expected_grads, label in (
+        (ref_out, ref_lse, ref_grads, "reference"),
+        (dense_out, dense_lse, dense_grads, "dense"),
+    ):
+        assert_rel_close(out, expected_out, tol, f"out vs {label}")
+        assert_rel_close(lse, expected_lse, 1e-5, f"lse vs {label}")
+        for gname, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
+            assert_rel_close(g, e, 2 * tol, f"{gname} vs {label}")
+
+
+def test_window_covering_grid_equals_sdpa(device):
+    grid, tile, window = (2, 3, 5), (2, 2, 4), (9, 9, 9)
+    b, h, d, seq = 1, 2, 32, 30
+    q, k, v = random_qkv(b, seq, h, d, torch.float32, device)
+    out = local_attention(q, k, v, grid, tile, window, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    expected = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), dout)
+    assert_rel_close(out, expected, REL_TOL[torch.float32], "out")
+    for gname, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert_rel_close(g, e, 2 * REL_TOL[torch.float32], gname)
+
+
+def test_non_contiguous_views(device):
+    """q, k, v unbound from a packed (B, L, 3, H, D) tensor and a transposed dout: read in place, correct."""
+    grid, tile, window = (2, 3, 6), (1, 3, 4), (1, 1, 1)
+    b, h, d, seq = 1, 2, 32, 36
+    qkv = torch.randn(b, seq, 3, h, d, device=device, dtype=torch.float16).requires_grad_()
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    out = local_attention(q, k, v, grid, tile, window, backend="triton")
+    dout = torch.randn(b, h, seq, d, device=device, dtype=torch.float16).transpose(1, 2)  # (B, L, H, D) view
+    (grad,) = torch.autograd.grad(out, qkv, dout)
+    qkv_ref = qkv.detach().clone().requires_grad_()
+    ref, _ = local_attention_reference(*qkv_ref.unbind(2), TileLayout.create(grid, tile, window))
+    (grad_ref,) = torch.autograd.grad(ref, qkv_ref, dout)
+    assert_rel_close(out, ref, REL_TOL[torch.float16], "out")
+    assert_rel_close(grad, grad_ref, 2 * REL_TOL[torch.float16], "dqkv")
+
+
+def test_poisoned_outputs_are_fully_overwritten(device):
+    grid, tile, window = (3, 3, 5), (2, 2, 3), (1, 2, 1)  # ragged on every axis, padded tiles
+    layout = TileLayout.create(grid, tile, window)
+    b, h, d, seq = 1, 2, 16, 45
+    q, k, v, dout = (torch.randn(b, seq, h, d, device=device) for _ in range(4))
+    out = torch.full((b, seq, h, d), POISON, device=device)
+    lse = torch.full((b, h, seq), POISON, device=device)
+    op.launch_forward(q, k, v, layout, d**-0.5, out=out, lse=lse)
+    grads = [torch.full((b, seq, h, d), POISON, device=device) for _ in range(3)]
+    op.launch_backward(dout, q, k, v, out, lse, None, layout, d**-0.5, *grads)
+
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = local_attention_reference(qr, kr, vr, layout)
+    ref_grads = torch.autograd.grad(ref_out, (qr, kr, vr), dout)
+    assert_rel_close(out, ref_out, REL_TOL[torch.float32], "out")
+    assert_rel_close(lse, ref_lse, REL_TOL[torch.float32], "lse")
+    for gname, g, e in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_rel_close(g, e, 2 * REL_TOL[torch.float32], gname)
+
+
+def test_query_range_table_matches_brute_force():
+    layout = TileLayout.create((7, 5, 9), (2, 1, 2), (3, 4, 1))  # n = (4, 5, 5), windows clamp at borders
+    table = op._query_range_table(layout, torch.device("cpu"))
+    offsets = [0, layout.num_tiles[0], layout.num_tiles[0] + layout.num_tiles[1]]
+    total = sum(layout.num_tiles)
+    for axis, n in enumerate(layout.num_tiles):
+        starts = layout.window_starts(axis, torch.arange(n))
+        for key_tile in range(n):
+            queries = [c for c in range(n) if starts[c] <= key_tile < starts[c] + layout.window_tiles[axis]]
+            lo, hi = table[offsets[axis] + key_tile].item(), table[total + offsets[axis] + key_tile].item()
+            assert list(range(lo, hi)) == queries, (axis, key_tile)
+
+
+def test_custom_op_traces_under_torch_compile(device):
+    grid, tile, window = (1, 4, 4), (1, 4, 4), (1, 1, 1)  # a single tile keeps the interpreter fast
+    q, k, v = random_qkv(1, 16, 1, 16, torch.float32, device)
+
+    def attend(q, k, v):
+        return local_attention(q, k, v, grid, tile, window, backend="triton").sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref = local_attention_reference(q, k, v, TileLayout.create(grid, tile, window))[0].sum()
+    ref_grads = torch.autograd.grad(ref, (q, k, v))
+    assert_rel_close(loss, ref, REL_TOL[torch.float32], "loss")
+    for gname, g, e in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_rel_close(g, e, 2 * REL_TOL[torch.float32], gname)
+
+
+def test_opcheck_forward_op(device):
+    q, k, v = (torch.randn(1, 16, 1, 16, device=device) for _ in range(3))
+    torch.library.opcheck(
+        torch.ops.fastvmt.local_attention_fwd.default,
+        (q, k, v, [1, 4, 4], [1, 4, 4], [1, 1, 1], 0.25),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@pytest.mark.parametrize("d", [24, 8, 272])
+def test_unsupported_head_dim_raises(d, device):
+    q = torch.randn(1, 16, 1, d, device=device)
+    with pytest.raises(ValueError, match=r"head dim D = \d+ unsupported .*multiples of 16 up to 256"):
+        local_attention(q, q, q, (1, 4, 4), (1, 4, 4), (1, 1, 1), backend="triton")
+
+
+def test_mixed_devices_raise():
+    q = torch.randn(1, 16, 1, 16)
+    with pytest.raises(ValueError, match="must be on one device"):
+        local_attention(q, q.to("meta"), q, (1, 4, 4), (1, 4, 4), (1, 1, 1), backend="triton")
+
+
+def test_cpu_tensor_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    q = torch.randn(1, 16, 1, 16)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        local_attention(q, q, q, (1, 4, 4), (1, 4, 4), (1, 1, 1), backend="triton")

@@ -1,0 +1,117 @@
+"""Motion losses: hand-computed cases, gradients, and optimisation behaviour (torch backend, tiny shapes)."""
+import math
+
+import pytest
+import torch
+
+from _utils import assert_rel_close
+from fastvmt.losses import (
+    amf_loss,
+    amf_pair_weights,
+    corresponding_window_loss,
+    ditflow_flow,
+    ditflow_loss,
+)
+from fastvmt_kernels import motion_flow
+from fastvmt_kernels.motion_flow import make_pairs
+
+
+def test_pair_weights_linear_from_one_to_min_weight():
+    pairs = torch.tensor([[0, 0], [0, 1], [0, 2], [0, 3], [5, 6]])
+    expected = torch.tensor([1.0, 1 - 0.2 / 3, 1 - 0.4 / 3, 0.8, 1 - 0.2 / 3])
+    assert torch.allclose(amf_pair_weights(pairs, 4), expected)
+    assert torch.equal(amf_pair_weights(pairs[:1], 1), torch.ones(1))
+    with pytest.raises(ValueError, match="0 <= j - i < span"):
+        amf_pair_weights(pairs, 2)
+
+
+def test_amf_loss_hand_computed():
+    pairs = torch.tensor([[0, 0], [0, 1]])
+    ref = torch.zeros(2, 2, 3, 2)
+    gen = torch.zeros(2, 2, 3, 2)
+    gen[0, 0, 0] = torch.tensor([1.0, 2.0])  # batch 0, self pair: 1 + 4 = 5, weight 1
+    gen[1, 1, 2] = torch.tensor([0.0, 3.0])  # batch 1, pair (0, 1): 9, weight 0.8 (span 2)
+    # per (batch, pair): [[5, 0], [0, 7.2]] -> mean 12.2 / 4
+    assert math.isclose(amf_loss(gen, ref, pairs, 2).item(), 12.2 / 4, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="pairs must be"):
+        amf_loss(gen, ref, pairs[:1], 2)
+
+
+def test_corresponding_window_loss_hand_computed_and_gradient_reaches_selected_keys_only():
+    frame, window = (2, 3), 2  # windows of 2 x 2 keys
+    k = torch.randn(1, 3, 6, 4, requires_grad=True)
+    pairs = make_pairs(3, 3)  # (0,0) (0,1) (0,2) (1,1) (1,2) (2,2); only frame 0 has two targets
+    windows = torch.zeros(1, 6, 2, 2, dtype=torch.int64)  # two tiles per frame
+    windows[0, 1] = torch.tensor([[0, 0], [0, 1]])  # pair (0, 1)
+    windows[0, 2] = torch.tensor([[0, 1], [0, 0]])  # pair (0, 2)
+    frames = k.reshape(1, 3, 2, 3, 4)
+
+    def mean_key(j, ox):
+        return frames[0, j, :, ox : ox + 2].reshape(-1, 4).mean(0)
+
+    tile0 = (mean_key(2, 1) - mean_key(1, 0)).square().sum()
+    tile1 = (mean_key(2, 0) - mean_key(1, 1)).square().sum()
+    expected = 0.5 * (tile0 + tile1)
+    loss = corresponding_window_loss(k, windows, pairs, frame, window)
+    assert_rel_close(loss, expected, 1e-6, "window loss")
+    loss.backward()
+    assert k.grad[0, 0].abs().sum() == 0  # frame 0 is never a target (j > i)
+    assert k.grad[0, 1].abs().sum() > 0 and k.grad[0, 2].abs().sum() > 0
+
+
+def test_corresponding_window_loss_with_kernel_windows_per_head():
+    q, k = torch.randn(2, 4, 20, 2, 8), torch.randn(2, 4, 20, 2, 8, requires_grad=True)
+    kwargs = dict(tile=(2, 2), window=3, span=3, backend="torch", return_windows=True)
+    _, pairs, windows = motion_flow(q, k, (4, 5), head_reduce="mean_flow", **kwargs)
+    loss = corresponding_window_loss(k, windows, pairs, (4, 5), 3)
+    per_head = [corresponding_window_loss(k[:, :, :, h], windows[:, :, h], pairs, (4, 5), 3) for h in range(2)]
+    assert_rel_close(loss, torch.stack(per_head).mean(), 1e-6, "per-head window loss")
+    short = corresponding_window_loss(k[:, :, :, 0], windows[:, :2, 0], pairs[:2], (4, 5), 3)
+    assert short.item() == 0.0  # pairs (0,0), (0,1): no frame with two targets
+
+
+def test_ditflow_flow_all_ordered_pairs_soft_and_hard():
+    frame, f, dim = (3, 4), 3, 16
+    q, k = torch.randn(1, f, 12, dim), torch.randn(1, f, 12, dim)
+    flow, pairs = ditflow_flow(q, k, frame, temperature=2.0, backend="torch")
+    assert pairs.tolist() == [[i, j] for i in range(f) for j in range(f)]
+    ys, xs = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).float()
+    logits = torch.einsum("psd,ptd->pst", q[0, pairs[:, 0]], k[0, pairs[:, 1]]) * 2.0 / math.sqrt(dim)
+    assert_rel_close(flow[0], torch.softmax(logits, -1) @ pos - pos, 1e-5, "soft global flow")
+    hard, _ = ditflow_flow(q, k, frame, hard=True)
+    assert torch.equal(hard[0], pos[logits.argmax(-1)] - pos)
+
+
+def test_ditflow_loss_masks_zero_reference_entries():
+    ref = torch.tensor([[[[0.0, 2.0], [1.0, 0.0]]]])
+    gen = torch.tensor([[[[5.0, 1.0], [3.0, 7.0]]]], requires_grad=True)
+    loss = ditflow_loss(gen, ref)
+    assert math.isclose(loss.item(), (1.0 + 4.0) / 2)
+    loss.backward()
+    assert gen.grad[0, 0, 0, 0] == 0 and gen.grad[0, 0, 1, 1] == 0
+    assert ditflow_loss(gen, torch.zeros_like(ref)).item() == 0.0
+
+
+@pytest.mark.parametrize("loss_name", ["amf", "ditflow"])
+def test_losses_decrease_under_gradient_descent(loss_name):
+    frame, f = (4, 5), 3
+    q_ref, k_ref = torch.randn(1, f, 20, 16), torch.randn(1, f, 20, 16)
+    q = torch.randn(1, f, 20, 16, requires_grad=True)
+    k = torch.randn(1, f, 20, 16, requires_grad=True)
+    if loss_name == "amf":
+        kwargs = dict(tile=(2, 2), window=3, span=2, backend="torch")
+        ref, pairs = motion_flow(q_ref, k_ref, frame, **kwargs)
+        objective = lambda: amf_loss(motion_flow(q, k, frame, **kwargs)[0], ref, pairs, 2)  # noqa: E731
+    else:
+        ref, _ = ditflow_flow(q_ref, k_ref, frame, hard=True)
+        objective = lambda: ditflow_loss(ditflow_flow(q, k, frame, backend="torch")[0], ref)  # noqa: E731
+    opt = torch.optim.Adam([q, k], lr=0.05)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses

@@ -1,0 +1,244 @@
+"""Attention motion flow: Triton kernels (interpreter on CPU) vs the chunked reference vs a naive loop version."""
+import math
+
+import pytest
+import torch
+
+from _utils import REL_TOL, assert_rel_close
+from fastvmt_kernels import motion_flow
+from fastvmt_kernels.motion_flow import FlowGeometry, make_pairs
+from fastvmt_kernels.motion_flow import op as flow_op
+from fastvmt_kernels.motion_flow.reference import motion_flow_reference
+
+# (frame, tile, window, span): ragged tiles on both axes, a non-square window, a window wider than the frame.
+GEOMETRIES = [
+    ((5, 7), (2, 3), 3, 2),
+    ((4, 6), (3, 4), (2, 7), 3),
+]
+
+
+def naive_flow(q, k, frame, tile, window, span, temperature):
+    """Independent loop version: per pair, per tile, per query token. Returns (flow (B,P,S,2), windows)."""
+    batch, frames, _, dim = q.shape
+    hf, wf = frame
+    th, tw = tile
+    wy, wx = (window, window) if isinstance(window, int) else window
+    ly, lx = min(wy, hf), min(wx, wf)
+    scale = temperature / math.sqrt(dim)
+    flows, windows = [], []
+    for b in range(batch):
+        per_pair, per_pair_windows = [], []
+        for i in range(frames):
+            for j in range(i, min(frames, i + span)):
+                qi = q[b, i].float().reshape(hf, wf, dim)
+                kj = k[b, j].float().reshape(hf, wf, dim)
+                tokens = [None] * (hf * wf)
+                origins = []
+                for y0 in range(0, hf, th):
+                    for x0 in range(0, wf, tw):
+                        rep = qi[y0 : y0 + th, x0 : x0 + tw].reshape(-1, dim).mean(0).detach()
+                        probs = torch.softmax(kj.reshape(-1, dim).detach() @ rep * scale, 0)
+                        cy = (probs * (torch.arange(hf * wf) // wf)).sum().item()
+                        cx = (probs * (torch.arange(hf * wf) % wf)).sum().item()
+                        oy = min(max(math.floor(cy + 0.5) - wy // 2, 0), hf - ly)
+                        ox = min(max(math.floor(cx + 0.5) - wx // 2, 0), wf - lx)
+                        origins.append((oy, ox))
+                        keys = kj[oy : oy + ly, ox : ox + lx].reshape(-1, dim)
+                        key_pos = torch.tensor([(oy + a, ox + c) for a in range(ly) for c in range(lx)]).float()
+                        for y in range(y0, min(y0 + th, hf)):
+                            for x in range(x0, min(x0 + tw, wf)):
+                                p = torch.softmax(keys @ qi[y, x] * scale, 0)
+                                tokens[y * wf + x] = p @ key_pos - torch.tensor([y, x]).float()
+                per_pair.append(torch.stack(tokens))
+                per_pair_windows.append(torch.tensor(origins))
+        flows.append(torch.stack(per_pair))
+        windows.append(torch.stack(per_pair_windows))
+    return torch.stack(flows), torch.stack(windows)
+
+
+def _inputs(shape, dtype, device, scale=1.0):
+    q = (torch.randn(shape) * scale).to(device=device, dtype=dtype).requires_grad_()
+    k = (torch.randn(shape) * scale).to(device=device, dtype=dtype).requires_grad_()
+    return q, k
+
+
+def _flow_and_grads(fn, q, k, grad):
+    flow = fn(q, k)
+    dq, dk = torch.autograd.grad((flow * grad).sum(), (q, k))
+    return flow, dq, dk
+
+
+@pytest.mark.parametrize("frame,tile,window,span", GEOMETRIES)
+def test_triton_and_reference_match_naive_fp32(device, frame, tile, window, span):
+    q, k = _inputs((2, 3, frame[0] * frame[1], 16), torch.float32, device, scale=1.5)
+    kwargs = dict(tile=tile, window=window, span=span, temperature=2.0)
+    ref_flow, pairs, ref_windows = motion_flow(q, k, frame, backend="torch", return_windows=True, **kwargs)
+    tri_flow, tri_pairs, tri_windows = motion_flow(q, k, frame, backend="triton", return_windows=True, **kwargs)
+    naive_windows = []
+    naive = lambda a, b: naive_windows.append(naive_flow(a, b, frame, tile, window, span, 2.0)) or naive_windows[0][0]
+    grad = torch.randn(ref_flow.shape, device=device)
+    runs = {
+        "naive": _flow_and_grads(lambda a, b: naive(a.cpu(), b.cpu()).to(device), q, k, grad),
+        "torch": _flow_and_grads(lambda a, b: motion_flow(a, b, frame, backend="torch", **kwargs)[0], q, k, grad),
+        "triton": _flow_and_grads(lambda a, b: motion_flow(a, b, frame, backend="triton", **kwargs)[0], q, k, grad),
+    }
+    for name in ("torch", "triton"):
+        for label, got, want in zip(("flow", "dq", "dk"), runs[name], runs["naive"]):
+            assert_rel_close(got, want, 1e-5, f"{name} {label}")
+    assert torch.equal(pairs.cpu(), make_pairs(3, span)) and torch.equal(tri_pairs, pairs)
+    assert torch.equal(ref_windows.cpu(), naive_windows[0][1]) and torch.equal(tri_windows.cpu(), naive_windows[0][1])
+    assert_rel_close(tri_flow, runs["naive"][0], 1e-5, "triton flow")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_matches_reference_with_same_windows(device, dtype):
+    frame, tile, window = (5, 7), (2, 3), 3
+    geo = FlowGeometry.create(frame, tile, window)
+    q, k = _inputs((1, 3, 35, 32), dtype, device)
+    flow, _, windows = motion_flow(q, k, frame, tile=tile, window=window, span=2, backend="triton", return_windows=True)
+    _, _, ref_windows = motion_flow_reference(q.detach(), k.detach(), geo, 2, 1.0)
+    # The coarse pass rounds tile-mean queries to the input dtype for the tensor cores: rare origin flips only.
+    assert (windows == ref_windows).float().mean() >= 0.8
+    grad = torch.randn(flow.shape, device=device)
+    tri = (flow,) + torch.autograd.grad((flow * grad).sum(), (q, k))
+    ref_flow = motion_flow_reference(q, k, geo, 2, 1.0, origins=windows)[0]
+    ref = (ref_flow,) + torch.autograd.grad((ref_flow * grad).sum(), (q, k))
+    for label, got, want in zip(("flow", "dq", "dk"), tri, ref):
+        assert_rel_close(got.float(), want.float(), REL_TOL[dtype], label)
+
+
+def test_window_covering_frame_is_dense_global_soft_argmax(device):
+    frame = (4, 5)
+    q, k = _inputs((1, 3, 20, 16), torch.float32, device)
+    temperature, dim = 1.5, 16
+    pos = FlowGeometry.create(frame, (1, 1), 1).token_positions(device)
+    pairs = make_pairs(3, 3, device)
+    logits = torch.einsum("psd,ptd->pst", q[0, pairs[:, 0]], k[0, pairs[:, 1]]) * temperature / math.sqrt(dim)
+    dense = (torch.softmax(logits, -1) @ pos - pos)[None]
+    for backend in ("torch", "triton"):
+        flow, _, windows = motion_flow(
+            q, k, frame, tile=(3, 2), window=9, span=3, temperature=temperature, backend=backend, return_windows=True
+        )
+        assert_rel_close(flow, dense, 1e-5, f"{backend} global flow")
+        assert windows.eq(0).all()
+
+
+def test_windows_clamped_at_frame_borders(device):
+    """Keys that pull every tile to a corner: the origin is clamped to 0 / frame - l, matching the naive loop."""
+    frame, tile, window = (6, 7), (2, 2), 3
+    q = torch.zeros(1, 2, 42, 16)
+    k = torch.randn(1, 2, 42, 16) * 0.1
+    q[..., 0] = 1.0
+    k[0, 0, 0, 0] = 8.0  # frame 0 keys peak at the top-left token
+    k[0, 1, 41, 0] = 8.0  # frame 1 keys peak at the bottom-right token
+    q, k = q.to(device), k.to(device)
+    expected = naive_flow(q.cpu(), k.cpu(), frame, tile, window, 2, 4.0)
+    for backend in ("torch", "triton"):
+        flow, pairs, windows = motion_flow(
+            q, k, frame, tile=tile, window=window, span=2, temperature=4.0, backend=backend, return_windows=True
+        )
+        assert pairs.tolist() == [[0, 0], [0, 1], [1, 1]]
+        assert windows[0, 0].eq(0).all()
+        assert windows[0, 1].tolist() == [[3, 4]] * 12 and windows[0, 2].tolist() == [[3, 4]] * 12
+        assert torch.equal(windows.cpu(), expected[1])
+        assert_rel_close(flow, expected[0].to(device), 1e-5, f"{backend} border flow")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_recovers_known_integer_shift(device, backend):
+    """Frame 1's keys are frame 0's (orthonormal) features rolled by (dy, dx): the flow must equal the shift."""
+    hf, wf, dim, (dy, dx) = 6, 8, 64, (1, -2)
+    feats = torch.linalg.qr(torch.randn(dim, dim))[0][: hf * wf]  # orthonormal rows, one per token
+    rolled = torch.roll(feats.reshape(hf, wf, dim), shifts=(dy, dx), dims=(0, 1)).reshape(hf * wf, dim)
+    q = torch.stack([feats, rolled])[None].to(device)
+    k = torch.stack([feats, rolled])[None].to(device)
+    temperature = 40 * math.sqrt(dim)  # matches score 40 logits above everything else
+    flow, _ = motion_flow(q, k, (hf, wf), tile=(2, 2), window=5, span=2, temperature=temperature, backend=backend)
+    y, x = torch.meshgrid(torch.arange(hf), torch.arange(wf), indexing="ij")
+    tile_y0, tile_x0 = (y // 2) * 2, (x // 2) * 2  # the whole tile's matches must be inside the frame (no wrap)
+    inside = ((tile_y0 + dy >= 0) & (tile_y0 + 1 + dy < hf) & (tile_x0 + dx >= 0) & (tile_x0 + 1 + dx < wf)).reshape(-1)
+    assert inside.sum() >= 12
+    shift = torch.tensor([float(dy), float(dx)]).expand(int(inside.sum()), 2)
+    assert torch.allclose(flow[0, 1, inside].cpu(), shift, atol=1e-3)
+    assert flow[0, 0].abs().max() < 1e-3  # self pairs of orthonormal features: zero flow
+    assert flow[0, 2].abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_five_dim_head_reductions(device, backend):
+    frame, heads = (4, 5), 2
+    q, k = _inputs((1, 2, 20, heads, 16), torch.float32, device)
+    kwargs = dict(tile=(2, 2), window=3, span=2, backend=backend)
+    flow, pairs, windows = motion_flow(q, k, frame, head_reduce="mean_flow", return_windows=True, **kwargs)
+    assert windows.shape == (1, pairs.shape[0], heads, 6, 2)
+    per_head = [motion_flow(q[:, :, :, h], k[:, :, :, h], frame, return_windows=True, **kwargs) for h in range(heads)]
+    assert_rel_close(flow, torch.stack([f for f, _, _ in per_head]).mean(0), 1e-6, "mean_flow")
+    assert torch.equal(windows, torch.stack([w for _, _, w in per_head], dim=2))
+    dq = torch.autograd.grad(flow.square().sum(), q)[0]
+    assert dq.shape == q.shape and dq.abs().sum() > 0
+    mean_qk, _ = motion_flow(q, k, frame, head_reduce="mean_qk", **kwargs)
+    assert_rel_close(mean_qk, motion_flow(q.mean(3), k.mean(3), frame, **kwargs)[0], 1e-6, "mean_qk")
+
+
+def test_reference_chunking_does_not_change_result():
+    geo = FlowGeometry.create((5, 6), (2, 4), 3)
+    q, k = torch.randn(1, 4, 30, 8), torch.randn(1, 4, 30, 8)
+    whole = motion_flow_reference(q, k, geo, 3, 1.0, chunk_pairs=100)
+    chunked = motion_flow_reference(q, k, geo, 3, 1.0, chunk_pairs=2)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+
+
+def test_launchers_overwrite_poisoned_buffers(device):
+    frame, geo = (5, 7), FlowGeometry.create((5, 7), (2, 3), 3)
+    q, k = [t.detach().contiguous() for t in _inputs((1, 3, 35, 16), torch.float32, device)]
+    pairs = make_pairs(3, 2, device)
+    p, s, n = pairs.shape[0], 35, geo.num_tiles
+    windows = torch.full((1, p, n, 2), -1, dtype=torch.int64, device=device)
+    flow = torch.full((1, p, s, 2), float("nan"), device=device)
+    lse = torch.full((1, p, s), float("nan"), device=device)
+    flow_op.launch_coarse(q, k, pairs, geo, 1.0, windows)
+    flow_op.launch_fine_forward(q, k, pairs, windows, geo, 1.0, flow, lse)
+    ref_flow, _, ref_windows = motion_flow_reference(q, k, geo, 2, 1.0)
+    assert torch.equal(windows, ref_windows)
+    assert_rel_close(flow, ref_flow, 1e-5, "flow")
+    assert torch.isfinite(lse).all()
+    dq = torch.full_like(q, float("nan"))
+    dk = torch.zeros_like(k)
+    flow_op.launch_fine_backward(torch.randn_like(flow), q, k, pairs, windows, flow, lse, geo, 1.0, dq, dk)
+    assert torch.isfinite(dq).all() and dq.abs().sum() > 0
+
+
+def test_custom_op_registration(device):
+    q, k = _inputs((1, 2, 12, 16), torch.float32, device)
+    pairs = make_pairs(2, 2, device)
+    torch.library.opcheck(
+        flow_op.motion_flow_fwd,
+        (q, k, pairs, 3, 4, 2, 2, 3, 3, 1.0),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(window=0), "window entries must be >= 1"),
+        (dict(span=0), "span must be an int >= 1"),
+        (dict(frame_shape=(4, 4)), "frame_shape .* has 16 tokens but q has S = 20"),
+        (dict(q=torch.zeros(1, 2, 20, 16, dtype=torch.int32)), "dtype torch.int32"),
+        (dict(q=torch.zeros(2, 20, 16)), "q must have 4 dims"),
+        (dict(k=torch.zeros(1, 2, 20, 32)), "same shape"),
+        (dict(head_reduce="mean_flow"), "needs per-head q, k"),
+        (dict(head_reduce="max"), "head_reduce must be one of"),
+        (dict(temperature=0.0), "temperature must be a positive float"),
+        (dict(tile=(3,)), "tile must be 2 positive ints"),
+        (dict(backend="cuda"), "backend must be one of"),
+        (dict(q=torch.zeros(1, 2, 20, 24), k=torch.zeros(1, 2, 20, 24), backend="triton"), "D a multiple of 16"),
+    ],
+)
+def test_bad_inputs_raise(change, match):
+    args = dict(q=torch.zeros(1, 2, 20, 16), k=torch.zeros(1, 2, 20, 16), frame_shape=(4, 5))
+    args.update(change)
+    q, k, frame_shape = args.pop("q"), args.pop("k"), args.pop("frame_shape")
+    with pytest.raises(ValueError, match=match):
+        motion_flow(q, k, frame_shape, **args)

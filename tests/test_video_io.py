@@ -1,0 +1,107 @@
+"""Video I/O: every accepted source, uniform resampling, center-crop resize, atomic writes, clear errors."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastvmt.video_io import VideoReadError, load_video, prepare_reference, resize_video, sample_frames, write_video
+
+
+def _ramp_video(frames=6, height=32, width=48):
+    """uint8 (F, H, W, 3): frame f has brightness 25 * f + 20 plus a horizontal gradient in red."""
+    video = np.zeros((frames, height, width, 3), dtype=np.uint8)
+    for f in range(frames):
+        video[f, ..., 1] = 25 * f + 20
+        video[f, ..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
+    return video
+
+
+def test_mp4_round_trip_keeps_size_count_and_content(tmp_path):
+    video = _ramp_video()
+    path = write_video(video, tmp_path / "clip.mp4", fps=8)
+    back = load_video(path)
+    assert back.shape == (6, 3, 32, 48) and back.dtype == torch.float32
+    expected = torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255
+    assert (back - expected).abs().mean() < 0.03  # lossy H.264
+    assert list(tmp_path.iterdir()) == [tmp_path / "clip.mp4"]  # no temporary file left behind
+
+
+def test_gif_folder_pil_list_array_and_tensor_sources(tmp_path):
+    video = _ramp_video(frames=4, height=16, width=16)
+    expected = torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255
+    write_video(video, tmp_path / "clip.gif", fps=8)
+    assert load_video(tmp_path / "clip.gif").shape == (4, 3, 16, 16)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for f in range(4):
+        Image.fromarray(video[f]).save(folder / f"{f:03d}.png")
+    (folder / "notes.txt").write_text("ignored")
+    torch.testing.assert_close(load_video(folder), expected)
+    torch.testing.assert_close(load_video([Image.fromarray(v) for v in video]), expected)
+    torch.testing.assert_close(load_video(video), expected)
+    torch.testing.assert_close(load_video(expected.clone()), expected)  # (F, 3, H, W) float tensor
+    gray = load_video(video[..., 0])  # (F, H, W) grayscale -> 3 channels
+    assert gray.shape == (4, 3, 16, 16) and torch.equal(gray[:, 0], gray[:, 2])
+
+
+def test_sample_frames_is_uniform_and_keeps_the_ends():
+    video = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1).expand(10, 3, 2, 2)
+    picked = sample_frames(video, 4)[:, 0, 0, 0].tolist()
+    assert picked == [0.0, 3.0, 6.0, 9.0]
+    assert sample_frames(video, 10)[:, 0, 0, 0].tolist() == list(range(10))
+    with pytest.raises(ValueError, match="has 10 frames but 11 are requested"):
+        sample_frames(video, 11)
+    with pytest.raises(ValueError, match="num_frames must be >= 2"):
+        sample_frames(video, 1)
+
+
+def test_resize_center_crops_to_the_target_aspect():
+    video = torch.zeros(2, 3, 20, 40)
+    video[..., :10] = 1.0  # left quarter white: cropped away when going to a square
+    video[..., 10:30] = 0.5
+    out = resize_video(video, 8, 8)
+    assert out.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(out, torch.full_like(out, 0.5))
+    tall = resize_video(torch.rand(1, 3, 30, 10), 16, 32)
+    assert tall.shape == (1, 3, 16, 32) and tall.min() >= 0 and tall.max() <= 1
+
+
+def test_prepare_reference(tmp_path):
+    path = write_video(_ramp_video(frames=9), tmp_path / "ref.mp4")
+    ref = prepare_reference(path, 5, 16, 16)
+    assert ref.shape == (5, 3, 16, 16)
+    assert (ref[1:, 1].mean((1, 2)) > ref[:-1, 1].mean((1, 2))).all()  # brightness still increases over time
+
+
+def test_unreadable_empty_and_bad_sources_raise(tmp_path):
+    with pytest.raises(VideoReadError, match="does not exist"):
+        load_video(tmp_path / "missing.mp4")
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"this is not a video" * 10)
+    with pytest.raises(VideoReadError, match="cannot read video"):
+        load_video(corrupt)
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    with pytest.raises(VideoReadError, match="has no image frames"):
+        load_video(empty_dir)
+    with pytest.raises(VideoReadError, match="empty list"):
+        load_video([])
+    with pytest.raises(VideoReadError, match="is empty"):
+        load_video(np.zeros((0, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(VideoReadError, match=r"must lie in \[0, 1\]"):
+        load_video(np.full((2, 8, 8, 3), 2.0, dtype=np.float32))
+    with pytest.raises(VideoReadError, match="must have 4 dims"):
+        load_video(np.zeros((8, 8), dtype=np.uint8))
+    with pytest.raises(VideoReadError, match="must be a path"):
+        load_video(42)
+    assert isinstance(VideoReadError("x"), ValueError)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="must end with one of"):
+        write_video(_ramp_video(), tmp_path / "clip.avi")
+    with pytest.raises(ValueError, match=r"frames must be \(F, H, W, 3\)"):
+        write_video(np.zeros((2, 8, 8), dtype=np.float32), tmp_path / "clip.mp4")
+    with pytest.raises(ValueError, match="even height and width"):
+        write_video(np.zeros((2, 7, 9, 3), dtype=np.uint8), tmp_path / "odd.mp4")  # libx264 rejects odd sizes
+    assert list(tmp_path.iterdir()) == []
