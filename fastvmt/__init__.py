@@ -1,7 +1,7 @@
 """fastvmt: fast, training-free video motion transfer for video diffusion transformers (Wan2.1)."""
 import importlib
 
-from fastvmt_kernels import __version__
+from ._version import __version__
 
 # Public names imported on first use, so `import fastvmt` (and `fastvmt --help`) does not import diffusers.
 _LAZY_EXPORTS = {

@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-from fastvmt_kernels import __version__
+from fastvmt._version import __version__
 
 # (subcommand, module, one-line help)
 COMMANDS = (

@@ -115,3 +115,13 @@ def test_losses_decrease_under_gradient_descent(loss_name):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_ditflow_flow_triton_backend_matches_torch(device):
+    q = torch.randn(1, 3, 12, 16, device=device, requires_grad=True)
+    k = torch.randn(1, 3, 12, 16, device=device, requires_grad=True)
+    flows = {backend: ditflow_flow(q, k, (3, 4), backend=backend)[0] for backend in ("torch", "triton")}
+    assert_rel_close(flows["triton"], flows["torch"], 1e-5, "flow")
+    grads = {b: torch.autograd.grad(f.square().sum(), (q, k)) for b, f in flows.items()}
+    for name, got, want in zip(("dq", "dk"), grads["triton"], grads["torch"]):
+        assert_rel_close(got, want, 1e-5, name)
