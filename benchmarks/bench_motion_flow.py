@@ -35,6 +35,7 @@ import torch
 from _results import DRY_ENV, OUT_ENV, RESULTS_DIR, write_table
 from fastvmt_kernels import motion_flow
 from fastvmt_kernels.motion_flow import FlowGeometry, make_pairs
+from fastvmt_kernels.motion_flow.reference import motion_flow_reference
 
 # CPU only: FASTVMT_BENCH_CPU_SHAPE=wan runs the chunked reference and the dense-gather provider at the full Wan
 # shape (dense_global is skipped there: >= 8 GiB and minutes per step on a small CPU; its memory is analytic).
@@ -68,7 +69,8 @@ PROVIDERS = {
     "cpu_wan": ("chunked_reference", "dense_gather_local"),
     "dry": ("fused", "chunked_reference", "dense_global", "dense_gather_local"),
 }[MODE]
-FP32, KEY_BYTES, INDEX_BYTES = 4, 2, 8  # fp32 maps, bf16 q/k (Wan), int64 window origins
+FP32, KEY_BYTES, INDEX_BYTES = 4, 2, 8
+SANITY_REL_TOL = 2e-2  # fused vs the fp32 reference on the same windows (bf16 inputs on GPU)  # fp32 maps, bf16 q/k (Wan), int64 window origins
 
 RESULTS: List[Dict[str, object]] = []
 
@@ -135,6 +137,16 @@ def make_step(provider: str, q: torch.Tensor, k: torch.Tensor, geo: FlowGeometry
         return torch.autograd.grad(flow, (q, k), grad)
 
     return step
+
+
+def check_fused_against_reference(q: torch.Tensor, k: torch.Tensor, geo: FlowGeometry, span: int) -> None:
+    """The timed kernel must compute the flow: compare with the chunked fp32 reference on the kernel's windows."""
+    kwargs = dict(tile=geo.tile, window=geo.window, span=span, temperature=FASTVMT_TEMPERATURE)
+    with torch.no_grad():
+        flow, _, windows = motion_flow(q, k, geo.frame, backend="triton", return_windows=True, **kwargs)
+        expected = motion_flow_reference(q, k, geo, span, FASTVMT_TEMPERATURE, origins=windows)[0]
+    err = ((flow - expected).norm() / expected.norm()).item()
+    assert err < SANITY_REL_TOL, f"fused flow differs from the reference: relative error {err:.2e}"
 
 
 def peak_bytes(step: Callable[[], object]) -> int:
@@ -206,6 +218,8 @@ def test_motion_flow(benchmark, provider):
     geo = _geometry(SHAPE)
     b, f, d = SHAPE["batch"], SHAPE["frames"], SHAPE["dim"]
     q, k = (torch.randn(b, f, geo.num_tokens, d, device=DEVICE).to(DTYPE).requires_grad_() for _ in range(2))
+    if provider == "fused":
+        check_fused_against_reference(q, k, geo, SHAPE["span"])
     step = make_step(provider, q, k, geo, SHAPE["span"])
     step()  # compile / warm up outside the timing
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)

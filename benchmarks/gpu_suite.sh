@@ -5,7 +5,8 @@
 #   and a copy of each results/*.md.
 # Total budget under 8 minutes; each stage is guarded by `timeout`.
 #
-#   bash benchmarks/gpu_suite.sh          # on the GPU machine, $OUT set by the caller
+#   bash benchmarks/fetch_gpu_wheels.sh   # here, once: diffusers wheels into .whl/ (git-ignored)
+#   bash benchmarks/gpu_suite.sh          # on the GPU machine (device tool: carry [".whl"]), $OUT set by the caller
 #   bash benchmarks/gpu_suite.sh --dry    # CPU: tiny interpreter version, OUT defaults to a temp dir
 #
 # Environment knobs (mainly for the dry run / CI):
@@ -38,6 +39,12 @@ else
   T_TESTS=140; T_INSPECT=60; T_BENCH=250
 fi
 mkdir -p "$OUT"
+# Wheels carried to the GPU machine (benchmarks/fetch_gpu_wheels.sh; the device tool's carry: [".whl"]).
+if [[ $DRY == 0 ]] && compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fastvmt-site .whl/*.whl \
+    && export PYTHONPATH="/tmp/fastvmt-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUT/gpu_suite.log"
 : > "$LOG"
 SKIP=" ${FASTVMT_SUITE_SKIP:-} "
