@@ -43,7 +43,22 @@ def device_name() -> str:
     """Human-readable device: the CUDA device name, or the CPU with the interpreter flag."""
     if torch.cuda.is_available() and not is_dry():
         return torch.cuda.get_device_name()
-    return f"CPU (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, dry run)"
+    cpu = f"CPU {_cpu_model()}, {os.cpu_count()} cores, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    return f"{cpu}, dry run" if os.environ.get(DRY_ENV) == "1" else cpu
+
+
+def _cpu_model() -> str:
+    """The processor's model name from /proc/cpuinfo (Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 def provenance() -> Dict[str, str]:
