@@ -151,6 +151,32 @@ def _split_full(lo, hi, n_full):
     return tl.maximum(lo, tl.minimum(hi, n_full))
 
 
+@triton.jit
+def _program_tile(pid, T, HG, WG, TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, N_SUB: tl.constexpr):
+    """Tile (ct, cy, cx) and sub-block of program ``pid`` (tiles in raster order), plus the tile counts."""
+    NT = (T + TT - 1) // TT
+    NY = (HG + TH - 1) // TH
+    NX = (WG + TW - 1) // TW
+    tile = pid // N_SUB
+    cx = tile % NX
+    cy = (tile // NX) % NY
+    ct = tile // (NX * NY)
+    return ct, cy, cx, pid % N_SUB, NT, NY, NX
+
+
+@triton.jit
+def _query_window(ct, cy, cx, NT, NY, NX, WT, WY, WX, HALF_T, HALF_Y, HALF_X, T, HG, WG,
+                  TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """Key-tile window of query tile (ct, cy, cx) per axis as (start, end of the full tiles, end)."""
+    st, et = _window(ct, NT, WT, HALF_T)
+    sy, ey = _window(cy, NY, WY, HALF_Y)
+    sx, ex = _window(cx, NX, WX, HALF_X)
+    ft = _split_full(st, et, T // TT)
+    fy = _split_full(sy, ey, HG // TH)
+    fx = _split_full(sx, ex, WG // TW)
+    return st, ft, et, sy, fy, ey, sx, fx, ex
+
+
 # ----------------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------------
@@ -202,25 +228,15 @@ def local_attention_fwd_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    NT = (T + TT - 1) // TT
-    NY = (HG + TH - 1) // TH
-    NX = (WG + TW - 1) // TW
-    tile = pid // N_SUB_M
-    cx = tile % NX
-    cy = (tile // NX) % NY
-    ct = tile // (NX * NY)
-    rows, valid = _tile_rows(ct, cy, cx, pid % N_SUB_M, T, HG, WG, TT, TH, TW, BLOCK_M)
+    ct, cy, cx, sub, NT, NY, NX = _program_tile(pid, T, HG, WG, TT, TH, TW, N_SUB_M)
+    rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * sq_b + h * sq_h, rows, sq_l, offs_d, valid, HEAD_DIM, True, D_PAD, INTERPRET)
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
 
-    st, et = _window(ct, NT, WT, HALF_T)
-    sy, ey = _window(cy, NY, WY, HALF_Y)
-    sx, ex = _window(cx, NX, WX, HALF_X)
-    ft = _split_full(st, et, T // TT)
-    fy = _split_full(sy, ey, HG // TH)
-    fx = _split_full(sx, ex, WG // TW)
+    st, ft, et, sy, fy, ey, sx, fx, ex = _query_window(ct, cy, cx, NT, NY, NX, WT, WY, WX, HALF_T, HALF_Y, HALF_X,
+                                                       T, HG, WG, TT, TH, TW)
 
     m_i = tl.full([BLOCK_M], MAX_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -298,14 +314,8 @@ def local_attention_dq_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    NT = (T + TT - 1) // TT
-    NY = (HG + TH - 1) // TH
-    NX = (WG + TW - 1) // TW
-    tile = pid // N_SUB_M
-    cx = tile % NX
-    cy = (tile // NX) % NY
-    ct = tile // (NX * NY)
-    rows, valid = _tile_rows(ct, cy, cx, pid % N_SUB_M, T, HG, WG, TT, TH, TW, BLOCK_M)
+    ct, cy, cx, sub, NT, NY, NX = _program_tile(pid, T, HG, WG, TT, TH, TW, N_SUB_M)
+    rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * sq_b + h * sq_h, rows, sq_l, offs_d, valid, HEAD_DIM, True, D_PAD, INTERPRET)
     do = _load_rows(DO + b * sdo_b + h * sdo_h, rows, sdo_l, offs_d, valid, HEAD_DIM, True, D_PAD, INTERPRET)
@@ -320,12 +330,8 @@ def local_attention_dq_kernel(
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
 
-    st, et = _window(ct, NT, WT, HALF_T)
-    sy, ey = _window(cy, NY, WY, HALF_Y)
-    sx, ex = _window(cx, NX, WX, HALF_X)
-    ft = _split_full(st, et, T // TT)
-    fy = _split_full(sy, ey, HG // TH)
-    fx = _split_full(sx, ex, WG // TW)
+    st, ft, et, sy, fy, ey, sx, fx, ex = _query_window(ct, cy, cx, NT, NY, NX, WT, WY, WX, HALF_T, HALF_Y, HALF_X,
+                                                       T, HG, WG, TT, TH, TW)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_box(dq, q, do, lse2, delta, k_base, v_base, sk_l, sv_l, offs_d, st, ft, sy, fy, sx, fx, T, HG, WG,
@@ -401,14 +407,8 @@ def local_attention_dkdv_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    NT = (T + TT - 1) // TT
-    NY = (HG + TH - 1) // TH
-    NX = (WG + TW - 1) // TW
-    tile = pid // N_SUB_N
-    cx = tile % NX
-    cy = (tile // NX) % NY
-    ct = tile // (NX * NY)
-    rows, valid = _tile_rows(ct, cy, cx, pid % N_SUB_N, T, HG, WG, TT, TH, TW, BLOCK_N)
+    ct, cy, cx, sub, NT, NY, NX = _program_tile(pid, T, HG, WG, TT, TH, TW, N_SUB_N)
+    rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_rows(K + b * sk_b + h * sk_h, rows, sk_l, offs_d, valid, HEAD_DIM, True, D_PAD, INTERPRET)
     v = _load_rows(V + b * sv_b + h * sv_h, rows, sv_l, offs_d, valid, HEAD_DIM, True, D_PAD, INTERPRET)
