@@ -61,11 +61,22 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _invocation() -> str:
+    """The command line that started this process, as a user would type it (``python -m pytest ...``)."""
+    program, args = sys.argv[0], sys.argv[1:]
+    if Path(program).name in ("pytest", "py.test") or program.endswith(os.path.join("pytest", "__main__.py")):
+        head = ["python", "-m", "pytest"]
+    else:
+        head = ["python", program]
+    env = [f"{name}={os.environ[name]}" for name in ("FASTVMT_BENCH_CPU_SHAPE", DRY_ENV) if os.environ.get(name)]
+    return " ".join(shlex.quote(a) for a in [*env, *head, *args])
+
+
 def provenance() -> Dict[str, str]:
     """Command line, device, library versions and timestamp of this run."""
     import triton
 
-    command = os.environ.get("FASTVMT_BENCH_COMMAND") or " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    command = os.environ.get("FASTVMT_BENCH_COMMAND") or _invocation()
     return {
         "command": command,
         "device": device_name(),
