@@ -24,6 +24,7 @@ setup(
         "numpy<2.4",
         "diffusers==0.42.1",
         "transformers>=5.17,<6",
+        "accelerate",  # diffusers loads models with low_cpu_mem_usage (required with keep_in_fp32_modules)
         "safetensors",
         "imageio==2.38.1",
         "imageio-ffmpeg==0.8.1",

@@ -61,14 +61,17 @@ def make_pairs(count: int, frames: int = data.DEFAULT_FRAMES, size: int = data.D
 
 
 def evaluate(pipe, pairs: Sequence[Dict], seeds: Sequence[int], methods: Sequence[str], steps: int,
-             guidance_scale: float, progress=None) -> List[Dict]:
+             guidance_scale: float, progress=None, deadline: float = math.inf) -> List[Dict]:
     """Run every method on every (pair, seed); returns one record per run (fields of RECORD_FIELDS).
 
     The seeds of a pair run as one batched pipeline call per method (clip s of the batch is "seed" s; the batch's
     noise comes from the generator seeded with PAIR_SEED + pair index), so ``seconds`` is the call's time per clip.
+    No new pair starts after ``deadline`` (a ``time.time()`` value); the records say how many pairs ran.
     """
     records = []
     for p, pair in enumerate(pairs):
+        if time.time() > deadline:
+            break
         reference = ((pair["video"].permute(1, 2, 3, 0) + 1.0) / 2.0).numpy()
         color = data.parse_caption(pair["prompt"])[0]
         for method in methods:
@@ -197,7 +200,8 @@ def build_header(args, pipe) -> Dict[str, str]:
         "checkpoint": f"{args.checkpoint or 'shipped (fastvmt/testbed/checkpoint)'}, trained {info.get('step', '?')} "
                       f"steps x batch {info.get('batch', '?')}",
         "settings": (f"motion block {recipes.MOTION_BLOCK}, temperature {recipes.TEMPERATURE}, reference noise "
-                     f"{recipes.REFERENCE_NOISE}, guided fraction {recipes.GUIDED_FRACTION}, AMF tile "
+                     f"{recipes.REFERENCE_NOISE}, guided fraction {recipes.GUIDED_FRACTION}, lr x{recipes.LR_SCALE}, "
+                     "AMF tile "
                      f"{recipes.AMF_TILE} window {recipes.AMF_WINDOW}, local attention tile {recipes.LOCAL_TILE} "
                      f"window {recipes.LOCAL_WINDOW}"),
         "timestamp_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -214,6 +218,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "testbed.md"))
+    parser.add_argument("--time-budget", type=float, default=0.0,
+                        help="minutes after which no new pair starts (0 = none); the results state the size run")
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
@@ -226,7 +232,13 @@ def main(argv=None) -> int:
     pairs = make_pairs(args.pairs, pipe.testbed_frames, pipe.testbed_size)
     start = time.time()
     with tqdm(total=len(pairs) * args.seeds * len(methods), desc="testbed eval", unit="video") as bar:
-        records = evaluate(pipe, pairs, args.seed_list, methods, args.steps, args.guidance_scale, progress=bar)
+        deadline = start + 60 * args.time_budget if args.time_budget > 0 else math.inf
+        records = evaluate(pipe, pairs, args.seed_list, methods, args.steps, args.guidance_scale, progress=bar,
+                           deadline=deadline)
+    ran = len({r["pair"] for r in records})
+    if ran < len(pairs):
+        print(f"time budget reached: {ran} of {len(pairs)} pairs ran", flush=True)
+        args.pairs, pairs = ran, pairs[:ran]
     summary = summarize(records, pairs, methods)
     header = build_header(args, pipe)
     header["wall_minutes"] = f"{(time.time() - start) / 60:.1f}"

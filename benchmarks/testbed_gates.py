@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--temperatures", default=f"{recipes.TEMPERATURE:g}", help="gate 2: comma-separated")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "testbed_gates.md"))
     parser.add_argument("--runs-csv", default=str(ROOT / "benchmarks" / "results" / "testbed_runs.csv"))
+    parser.add_argument("--gate3-only", action="store_true",
+                        help="only refresh the gate 3 section of an existing --out file from --runs-csv")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -160,6 +162,15 @@ def main(argv=None) -> int:
 
     pipe = recipes.load_pipeline(args.checkpoint)
     pipe.set_progress_bar_config(disable=True)
+    gate3_header = "## Gate 3: transfer"
+    if args.gate3_only:
+        text = Path(args.out).read_text()
+        kept = text.split(gate3_header)[0].rstrip("\n")
+        lines = [kept, "", gate3_header, ""] + [f"- {line}" for line in gate3(Path(args.runs_csv), pipe.testbed_frames,
+                                                                               pipe.testbed_size)]
+        Path(args.out).write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0
     header = testbed_eval.build_header(args, pipe)
     g1 = gate1(pipe, args.seeds, args.steps, args.guidance_scale)
     temperatures = tuple(float(t) for t in args.temperatures.split(","))
@@ -192,7 +203,7 @@ def main(argv=None) -> int:
                     f"**{c:.2f}**" if c < 0.67 * g2["zero"] else f"{c:.2f}" for c in cells) + " |")
             lines.append("")
     lines.append("Bold: below 2/3 of the zero-motion baseline.")
-    lines += ["", "## Gate 3: transfer", ""] + [f"- {line}" for line in gate3(Path(args.runs_csv), pipe.testbed_frames, pipe.testbed_size)]
+    lines += ["", gate3_header, ""] + [f"- {line}" for line in gate3(Path(args.runs_csv), pipe.testbed_frames, pipe.testbed_size)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

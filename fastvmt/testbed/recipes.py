@@ -4,7 +4,8 @@ The tiny model differs from Wan2.1 in ways that change a few knobs (all are ``Mo
 its token grid is 8 x 4 x 4 (so the AMF tile / window are small), its 4 heads are weak alone (so the flow is averaged
 per head, ``head_reduce="mean_flow"``), its softmax is flat at temperature 1 (so ``temperature`` is ~10), and in 16 x 16
 pixel space high noise erases the motion (so the reference flow is taken at a low fixed noise level and guidance
-covers half of the schedule). Both recipes get the same block, temperature and number of guided steps, so the
+covers half of the schedule), and its pixel-space latents need larger steps (both recipes' learning rates x LR_SCALE).
+Both recipes get the same block, temperature and number of guided steps, so the
 comparison isolates the recipes' own choices (windowed vs global AMF, soft vs hard reference, loss, optimiser, reuse).
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ MOTION_BLOCK = 2
 TEMPERATURE = 10.0
 REFERENCE_NOISE = 0.2
 GUIDED_FRACTION = 0.5
+LR_SCALE = 3.0  # both recipes' learning rates x3: pixel-space latents of the tiny model move less per unit lr
 AMF_TILE = (2, 2)
 AMF_WINDOW = 3
 LOCAL_TILE = (1, 4, 4)  # one frame per tile: local attention = a temporal window
@@ -51,6 +53,8 @@ def motion_config(method: str, num_inference_steps: int = DEFAULT_STEPS, **overr
         settings = dict(recipe="fastvmt", tile=AMF_TILE, window=AMF_WINDOW, head_reduce="mean_flow", **common)
         if method == "fastvmt_no_reuse":
             settings["reuse_interval"] = 1
+    preset = MotionTransferConfig(recipe=settings["recipe"])
+    settings.update(lr_start=preset.lr_start * LR_SCALE, lr_end=preset.lr_end * LR_SCALE)
     settings.update(overrides)
     return MotionTransferConfig(**settings)
 
