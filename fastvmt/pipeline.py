@@ -31,6 +31,7 @@ ACTIVATION_ELEMENTS_PER_CHANNEL = 48
 AUTO_CHECKPOINT_FRACTION = 0.8
 WAN_VAE_TEMPORAL = 4
 MIN_LATENT_FRAMES = 2  # motion needs at least two (latent) frames
+WAN_TEXT_LENGTH = 512  # Wan2.1's text length (umT5 tokens)
 
 
 @contextlib.contextmanager
@@ -308,6 +309,11 @@ class FastVMTPipeline(WanPipeline):
                 noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
         return self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
+    def default_text_length(self) -> int:
+        """Text tokens the model was trained with: ``min(512, tokenizer.model_max_length)`` (512 without a tokenizer)."""
+        limit = getattr(self.tokenizer, "model_max_length", None) if self.tokenizer is not None else None
+        return min(WAN_TEXT_LENGTH, int(limit)) if limit else WAN_TEXT_LENGTH
+
     def _guidance_bar(self, total: int):
         config = dict(getattr(self, "_progress_bar_config", {}) or {})
         config.setdefault("desc", "motion guidance")
@@ -338,7 +344,7 @@ class FastVMTPipeline(WanPipeline):
         attention_kwargs: Optional[Dict[str, Any]] = None,
         callback_on_step_end: Optional[Callable] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],  # noqa: B006 (WanPipeline's signature)
-        max_sequence_length: int = 512,
+        max_sequence_length: Optional[int] = None,
     ) -> Union[WanPipelineOutput, tuple]:
         """Generate a video for ``prompt`` that moves like ``reference_video``.
 
@@ -347,6 +353,8 @@ class FastVMTPipeline(WanPipeline):
             num_videos_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds, return_dict,
             attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length:
                 as ``WanPipeline`` (sizes are validated, never silently adjusted: see :meth:`latent_geometry`).
+            max_sequence_length: text tokens; default: the text length the model was trained with,
+                ``min(512, tokenizer.model_max_length)`` (512 for Wan2.1, 8 for the testbed model).
             reference_video: path (mp4, gif, folder of frames), list of PIL images, array or tensor; ``num_frames``
                 frames are sampled uniformly in time (the clip needs at least that many) and each is center-cropped to
                 the target aspect ratio and resized bilinearly to ``height x width``. None: plain text-to-video.
@@ -377,6 +385,8 @@ class FastVMTPipeline(WanPipeline):
             raise ValueError("this pipeline has no text encoder: pass prompt_embeds (and reference_prompt_embeds)")
 
         self._guidance_scale = guidance_scale
+        if max_sequence_length is None:
+            max_sequence_length = self.default_text_length()
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False

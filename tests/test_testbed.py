@@ -164,7 +164,8 @@ def test_train_resume_is_deterministic_and_checkpoint_loads(tmp_path):
 
     pipe = FastVMTPipeline.from_pretrained(str(tmp_path / "a" / "checkpoint"))
     assert pipe.vae is None
-    embeds, negative = pipe.encode_prompt("a red circle", max_sequence_length=model.TEXT_LENGTH, device="cpu")
+    assert pipe.default_text_length() == model.TEXT_LENGTH  # the pipeline pads text as in training by default
+    embeds, negative = pipe.encode_prompt("a red circle", max_sequence_length=pipe.default_text_length(), device="cpu")
     ours = model.encode_captions(tokenizer, text_encoder, ["a red circle"])
     torch.testing.assert_close(embeds, ours)
     assert float(negative.detach().abs().max()) == 0.0  # the empty prompt is the all-zero (CFG-dropout) input

@@ -50,7 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-window", type=_int_triple, default=None, help="local attention window t,h,w in tiles")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for classifier-free guidance")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    parser.add_argument("--max-sequence-length", type=int, default=512, help="text tokens (default 512)")
+    parser.add_argument(
+        "--max-sequence-length", type=int, default=None,
+        help="text tokens (default: the model's, min(512, tokenizer.model_max_length))",
+    )
     parser.add_argument("--fps", type=int, default=16, help="output frame rate (default 16)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
