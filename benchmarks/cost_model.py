@@ -84,7 +84,8 @@ def main() -> int:
         "- device: none (arithmetic only; FLOP ratios, not measured speedups)",
         f"- timestamp_utc: `{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}`",
         f"- model: {shape}; one block forward = {shape.block_flops() / 1e12:.2f} TFLOP dense, "
-        f"{shape.block_flops(LOCAL_DENSITY) / 1e12:.2f} TFLOP at local density {LOCAL_DENSITY}",
+        f"{shape.block_flops(LOCAL_DENSITY) / 1e12:.2f} TFLOP at local density {LOCAL_DENSITY}; self-attention is "
+        f"{1 - shape.block_flops(0.0) / shape.block_flops():.0%} of a dense block",
         f"- schedule from MotionTransferConfig defaults: fastvmt {fastvmt.guided_steps} guided steps x "
         f"{fastvmt.inner_iters} iterations, reuse every {fastvmt.reuse_interval}, motion block {fastvmt.motion_block}; "
         f"ditflow {ditflow.guided_steps} x {ditflow.inner_iters}, no reuse, reference computed once",

@@ -287,25 +287,22 @@ class FastVMTPipeline(WanPipeline):
         model_input = latents.to(self.transformer.dtype)
         timestep = t.expand(latents.shape[0])
         sigma = float(t) / self.scheduler.config.num_train_timesteps  # flow matching: timestep = 1000 * sigma
-        cache = {"step_index": step_index, "sigma": sigma}
-        with attention_phase("denoise"):
-            with self.transformer.cache_context("cond", **cache, num_inference_steps=self._num_timesteps):
-                noise_pred = self.transformer(
+        cache = {"step_index": step_index, "sigma": sigma, "num_inference_steps": self._num_timesteps}
+
+        def predict(name: str, embeds: torch.Tensor) -> torch.Tensor:
+            with self.transformer.cache_context(name, **cache):
+                return self.transformer(
                     hidden_states=model_input,
                     timestep=timestep,
-                    encoder_hidden_states=prompt_embeds,
+                    encoder_hidden_states=embeds,
                     attention_kwargs=attention_kwargs,
                     return_dict=False,
                 )[0]
+
+        with attention_phase("denoise"):
+            noise_pred = predict("cond", prompt_embeds)
             if guidance_scale > 1.0:
-                with self.transformer.cache_context("uncond", **cache, num_inference_steps=self._num_timesteps):
-                    noise_uncond = self.transformer(
-                        hidden_states=model_input,
-                        timestep=timestep,
-                        encoder_hidden_states=negative_prompt_embeds,
-                        attention_kwargs=attention_kwargs,
-                        return_dict=False,
-                    )[0]
+                noise_uncond = predict("uncond", negative_prompt_embeds)
                 noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
         return self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
