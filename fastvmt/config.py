@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 RECIPES = ("fastvmt", "ditflow")
+WINDOW_SOURCES = ("own", "reference")
 HEAD_REDUCTIONS = ("mean_qk", "mean_flow")
 LR_SCHEDULES = ("within_step", "across_steps")
 INIT_LATENTS = ("noise", "reference")
@@ -85,6 +86,10 @@ class MotionTransferConfig:
         temperature: *recipe* inverse temperature multiplying the scaled logits (1.0 / 2.0).
         head_reduce: "mean_qk" averages Q and K over heads before the AMF (FastVMT's intent), "mean_flow" computes a
             flow per head and averages the flows (fastvmt only).
+        window_source: "own" (each video's coarse pass picks its windows: the paper) or "reference" (the generated
+            video's fine pass uses the windows the reference picked, so both soft argmaxes run over the same keys:
+            the bias of a windowed soft argmax towards the window centre cancels in the loss, and the guidance
+            passes skip the coarse pass). The window loss uses the same windows (fastvmt only).
         amf_weight, window_weight: loss weights of the AMF and corresponding-window terms (5 and 1; fastvmt only).
         reference_noise: *recipe* noise level of the reference pass: "current_t" re-noises the reference at the current
             timestep with a fixed noise draw (the official code), or a float sigma in [0, 1) for a fixed level
@@ -114,6 +119,7 @@ class MotionTransferConfig:
     window: int = 21
     temperature: Optional[float] = None
     head_reduce: str = "mean_qk"
+    window_source: str = "own"
     amf_weight: float = 5.0
     window_weight: float = 1.0
     reference_noise: Union[str, float, None] = None
@@ -163,6 +169,8 @@ class MotionTransferConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.head_reduce not in HEAD_REDUCTIONS:
             raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {self.head_reduce!r}")
+        if self.window_source not in WINDOW_SOURCES:
+            raise ValueError(f"window_source must be one of {WINDOW_SOURCES}, got {self.window_source!r}")
         if self.init_latent not in INIT_LATENTS:
             raise ValueError(f"init_latent must be one of {INIT_LATENTS}, got {self.init_latent!r}")
         if self.kernel_backend not in KERNEL_BACKENDS:

@@ -111,12 +111,19 @@ def reduce_heads(q: torch.Tensor, k: torch.Tensor, head_reduce: str) -> Tuple[to
 
 
 def compute_flow(
-    q: torch.Tensor, k: torch.Tensor, frame_shape: Tuple[int, int], config: MotionTransferConfig, *, reference: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    frame_shape: Tuple[int, int],
+    config: MotionTransferConfig,
+    *,
+    reference: bool,
+    windows: Optional[torch.Tensor] = None,
 ) -> MotionFlow:
     """The recipe's attention motion flow of per-head q, k (B, F, S, H, D).
 
     fastvmt: :func:`fastvmt_kernels.motion_flow` (sliding windows over pairs ``i <= j < i + span``), soft-argmax for
-    both videos. ditflow: global AMF over all ordered pairs, hard argmax for the reference (``reference=True``).
+    both videos; ``windows`` (another flow's ``.windows``, batch 1 or B) replaces the coarse pass. ditflow: global
+    AMF over all ordered pairs, hard argmax for the reference (``reference=True``).
     """
     q, k = reduce_heads(q, k, config.head_reduce)
     if config.recipe == "ditflow":
@@ -130,6 +137,8 @@ def compute_flow(
         return MotionFlow(flow=flow, pairs=pairs)
     from fastvmt_kernels.motion_flow import motion_flow
 
+    if windows is not None and windows.shape[0] != q.shape[0]:
+        windows = windows.expand(q.shape[0], *windows.shape[1:])
     flow, pairs, windows = motion_flow(
         q,
         k,
@@ -141,6 +150,7 @@ def compute_flow(
         backend=config.kernel_backend,
         head_reduce=config.head_reduce,
         return_windows=True,
+        windows=windows,
     )
     return MotionFlow(flow=flow, pairs=pairs, windows=windows, key=k)
 

@@ -203,10 +203,12 @@ class FastVMTPipeline(WanPipeline):
         *,
         reference: bool,
         attention_kwargs: Optional[Dict[str, Any]] = None,
+        windows: Optional[torch.Tensor] = None,
     ) -> MotionFlow:
         """Truncated pass at ``config.motion_block`` and the recipe's flow; differentiable when grad is enabled.
 
-        latents: (B, C, F', H', W') (any float dtype, cast to the transformer's); timestep: (B,).
+        latents: (B, C, F', H', W') (any float dtype, cast to the transformer's); timestep: (B,); windows: optional
+        AMF window origins (another flow's ``.windows``) that replace the coarse pass.
         """
         hidden = latents.to(self.transformer.dtype)
         q, k = truncated_qk(
@@ -218,7 +220,9 @@ class FastVMTPipeline(WanPipeline):
             gradient_checkpointing=self.use_gradient_checkpointing(hidden, config),
             attention_kwargs=attention_kwargs,
         )
-        return compute_flow(q, k, self.token_frame_shape(latents.shape), config, reference=reference)
+        return compute_flow(
+            q, k, self.token_frame_shape(latents.shape), config, reference=reference, windows=windows
+        )
 
     def use_gradient_checkpointing(self, latents: torch.Tensor, config: MotionTransferConfig) -> bool:
         """Resolve ``config.gradient_checkpointing`` for a pass on ``latents`` (B, C, F', H', W')."""
@@ -265,9 +269,12 @@ class FastVMTPipeline(WanPipeline):
     ) -> Callable[[torch.Tensor], Tuple[torch.Tensor, Dict[str, float]]]:
         """latent (B, C, F', H', W') fp32 -> (loss, parts) for the guidance optimiser (positive prompt, no CFG)."""
 
+        shared_windows = ref.windows if config.recipe == "fastvmt" and config.window_source == "reference" else None
+
         def loss_fn(latent: torch.Tensor):
             gen = self.motion_flow_of(
-                latent, timestep, prompt_embeds, config, reference=False, attention_kwargs=attention_kwargs
+                latent, timestep, prompt_embeds, config, reference=False, attention_kwargs=attention_kwargs,
+                windows=shared_windows,
             )
             return motion_loss(gen, ref, self.token_frame_shape(latent.shape), config)
 

@@ -63,6 +63,7 @@ def test_gradient_reuse_pattern():
         (dict(tile=(3, 0)), "tile must be two ints"),
         (dict(window=0), "window must be an int >= 1"),
         (dict(head_reduce="max"), "head_reduce must be one of"),
+        (dict(window_source="target"), "window_source must be one of"),
         (dict(lr_schedule="cosine"), "lr_schedule must be one of"),
         (dict(init_latent="image"), "init_latent must be one of"),
         (dict(init_strength=0.0), r"init_strength must be in \(0, 1\]"),

@@ -180,6 +180,63 @@ def test_five_dim_head_reductions(device, backend):
     assert_rel_close(mean_qk, motion_flow(q.mean(3), k.mean(3), frame, **kwargs)[0], 1e-6, "mean_qk")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_given_windows_replace_the_coarse_pass(device, backend):
+    frame, tile, window, span = (5, 7), (2, 3), 3, 2
+    geo = FlowGeometry.create(frame, tile, window)
+    q, k = _inputs((2, 3, 35, 16), torch.float32, device, scale=1.5)
+    kwargs = dict(tile=tile, window=window, span=span, backend=backend, return_windows=True)
+    own_flow, pairs, own_windows = motion_flow(q, k, frame, **kwargs)
+    again, _, echoed = motion_flow(q, k, frame, windows=own_windows, **kwargs)
+    assert torch.equal(echoed, own_windows)
+    assert_rel_close(again, own_flow, 1e-6, "own windows given back")
+    # Windows that the coarse pass would not pick: every legal origin, drawn at random.
+    limit = torch.tensor(geo.max_origin) + 1
+    other = (torch.rand(own_windows.shape) * limit).long().to(device)
+    assert not torch.equal(other, own_windows)
+    flow, _, used = motion_flow(q, k, frame, windows=other, **kwargs)
+    assert torch.equal(used, other)
+    grad = torch.randn(flow.shape, device=device)
+    got = (flow,) + torch.autograd.grad((flow * grad).sum(), (q, k))
+    want_flow = motion_flow_reference(q, k, geo, span, 1.0, origins=other)[0]
+    want = (want_flow,) + torch.autograd.grad((want_flow * grad).sum(), (q, k))
+    for label, a, b in zip(("flow", "dq", "dk"), got, want):
+        assert_rel_close(a, b, 1e-5, label)
+    assert not torch.allclose(flow, own_flow, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_given_windows_per_head(device, backend):
+    frame, heads = (4, 5), 2
+    q, k = _inputs((1, 2, 20, heads, 16), torch.float32, device)
+    kwargs = dict(tile=(2, 2), window=3, span=2, backend=backend, head_reduce="mean_flow", return_windows=True)
+    _, _, windows = motion_flow(q, k, frame, **kwargs)
+    shifted = (windows + 1).clamp(max=torch.tensor([1, 2], device=device))  # max origin (4-3, 5-3)
+    flow, _, used = motion_flow(q, k, frame, windows=shifted, **kwargs)
+    assert torch.equal(used, shifted)
+    per_head = [
+        motion_flow(q[:, :, :, h], k[:, :, :, h], frame, tile=(2, 2), window=3, span=2, backend=backend,
+                    windows=shifted[:, :, h])[0]
+        for h in range(heads)
+    ]
+    assert_rel_close(flow, torch.stack(per_head).mean(0), 1e-6, "mean_flow with given windows")
+
+
+@pytest.mark.parametrize(
+    "windows,match",
+    [
+        (torch.zeros(1, 3, 6, 2, dtype=torch.int32), "int64 tensor"),
+        (torch.zeros(1, 2, 6, 2, dtype=torch.int64), r"\(B, P, n_tiles, 2\) = \(1, 3, 6, 2\)"),
+        (torch.full((1, 3, 6, 2), 2, dtype=torch.int64), r"origins must lie in \[0, \(1, 2\)\]"),
+        (torch.full((1, 3, 6, 2), -1, dtype=torch.int64), "origins must lie in"),
+    ],
+)
+def test_bad_given_windows_raise(windows, match):
+    q, k = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
+    with pytest.raises(ValueError, match=match):
+        motion_flow(q, k, (4, 5), tile=(2, 2), window=3, span=2, windows=windows)
+
+
 def test_reference_chunking_does_not_change_result():
     geo = FlowGeometry.create((5, 6), (2, 4), 3)
     q, k = torch.randn(1, 4, 30, 8), torch.randn(1, 4, 30, 8)
@@ -212,11 +269,12 @@ def test_launchers_overwrite_poisoned_buffers(device):
 def test_custom_op_registration(device):
     q, k = _inputs((1, 2, 12, 16), torch.float32, device)
     pairs = make_pairs(2, 2, device)
-    torch.library.opcheck(
-        flow_op.motion_flow_fwd,
-        (q, k, pairs, 3, 4, 2, 2, 3, 3, 1.0),
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
-    )
+    for given in (None, torch.tensor([[[[0, 1]], [[1, 0]], [[0, 0]]]], device=device).expand(1, 3, 4, 2)):
+        torch.library.opcheck(
+            flow_op.motion_flow_fwd,
+            (q, k, pairs, given, 3, 4, 2, 2, 3, 3, 1.0),
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+        )
 
 
 @pytest.mark.parametrize(

@@ -262,3 +262,27 @@ def test_batched_videos_each_get_guidance(pipe, reference):
     assert counter.graph_passes == 4  # one batched pass per gradient iteration
     assert np.abs(out.frames[0] - out.frames[1]).max() > 1e-3  # independent noise draws
     assert pipe.use_gradient_checkpointing(torch.zeros(1, 3, 2, 4, 4), small_config()) is False  # "auto" on CPU
+
+
+def test_reference_windows_are_shared_with_the_generated_video(pipe, reference, monkeypatch):
+    calls = []
+    original = pipe.motion_flow_of
+
+    def spy(*args, **kwargs):
+        flow = original(*args, **kwargs)
+        calls.append((kwargs["reference"], kwargs.get("windows"), flow.windows))
+        return flow
+
+    monkeypatch.setattr(pipe, "motion_flow_of", spy)
+    config = small_config(guided_steps=1, window=3, window_source="reference")
+    shared = run(pipe, reference, config, num_videos_per_prompt=2).frames
+    references = [windows for is_ref, _, windows in calls if is_ref]
+    generated = [(given, used) for is_ref, given, used in calls if not is_ref]
+    assert references and len(generated) == 4
+    for given, used in generated:
+        assert given is references[-1]
+        assert used.shape[0] == 2 and torch.equal(used, given.expand_as(used))
+    calls.clear()
+    own = run(pipe, reference, config.replace(window_source="own"), num_videos_per_prompt=2).frames
+    assert all(given is None for is_ref, given, _ in calls if not is_ref)
+    assert np.abs(own - shared).max() > 1e-4

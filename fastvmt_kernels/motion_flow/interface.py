@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from .._checks import check_tensors, resolve_backend
-from .geometry import FlowGeometry
+from .geometry import FlowGeometry, make_pairs
 from .reference import motion_flow_reference
 
 HEAD_REDUCTIONS = ("mean_qk", "mean_flow")
@@ -41,10 +41,35 @@ def _validate(q, k, geo: FlowGeometry, span, temperature, head_reduce) -> None:
         )
 
 
-def _flow_4d(q, k, geo, span, temperature, backend):
-    """(flow, pairs, windows) for head-averaged (B, F, S, D) inputs on the chosen backend."""
+def _validate_windows(windows, q, geo: FlowGeometry, span: int, head_reduce: str) -> None:
+    """Given window origins must have the shape ``return_windows`` gives and lie where the coarse pass can put them."""
+    b, f = q.shape[:2]
+    num_pairs = int(make_pairs(f, span, "cpu").shape[0])
+    per_head = q.dim() == 5 and head_reduce == "mean_flow"
+    expected = (b, num_pairs) + ((q.shape[3],) if per_head else ()) + (geo.num_tiles, 2)
+    layout = "(B, P, H, n_tiles, 2)" if per_head else "(B, P, n_tiles, 2)"
+    if not isinstance(windows, torch.Tensor) or windows.dtype != torch.int64:
+        got = windows.dtype if isinstance(windows, torch.Tensor) else type(windows).__name__
+        raise ValueError(f"windows must be an int64 tensor {layout} as returned by return_windows=True, got {got}")
+    if tuple(windows.shape) != expected:
+        raise ValueError(f"windows must be {layout} = {expected} for these q, span and tile, got {tuple(windows.shape)}")
+    if windows.device != q.device:
+        raise ValueError(f"windows must be on q's device {q.device}, got {windows.device}")
+    limit = torch.tensor(geo.max_origin, device=q.device)
+    if bool((windows < 0).any()) or bool((windows > limit).any()):
+        raise ValueError(
+            f"window origins must lie in [0, {tuple(limit.tolist())}] (frame {geo.frame} minus window sides "
+            f"{geo.window_sides}), got values in [{int(windows.min())}, {int(windows.max())}]"
+        )
+
+
+def _flow_4d(q, k, geo, span, temperature, backend, windows=None):
+    """(flow, pairs, windows) for head-averaged (B, F, S, D) inputs on the chosen backend.
+
+    windows: optional (B, P, n_tiles, 2) origins that replace the coarse pass.
+    """
     if backend == "torch":
-        return motion_flow_reference(q, k, geo, span, float(temperature))
+        return motion_flow_reference(q, k, geo, span, float(temperature), origins=windows)
     dim = q.shape[-1]
     if dim % TRITON_DIM_MULTIPLE or dim > TRITON_MAX_DIM:
         raise ValueError(
@@ -55,7 +80,7 @@ def _flow_4d(q, k, geo, span, temperature, backend):
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
     from .op import motion_flow_triton
 
-    return motion_flow_triton(q, k, geo, span, float(temperature))
+    return motion_flow_triton(q, k, geo, span, float(temperature), windows)
 
 
 def motion_flow(
@@ -70,6 +95,7 @@ def motion_flow(
     backend: str = "auto",
     head_reduce: str = "mean_qk",
     return_windows: bool = False,
+    windows: Optional[torch.Tensor] = None,
 ) -> Union[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Attention motion flow (AMF) between frame pairs by a coarse-to-fine windowed soft-argmax.
 
@@ -104,6 +130,10 @@ def motion_flow(
             TRITON_INTERPRET=1; D a multiple of 16 up to 256) or "torch" (chunked fp32 reference, any D).
         head_reduce: "mean_qk" or "mean_flow" (5-D inputs only), see above.
         return_windows: also return the window origins.
+        windows: optional window origins to use instead of the coarse pass, in the layout ``return_windows`` gives
+            (e.g. another video's windows, so that two flows are soft-argmaxes over the same key windows and the
+            window-centre bias of the soft argmax cancels between them). int64, on q's device, each origin in
+            ``[0, frame_a - l_a]``.
 
     Returns:
         ``flow`` (B, P, S, 2) float32, (dy, dx) per token of frame i in raster order; ``pairs`` (P, 2) int64 on q's
@@ -113,15 +143,19 @@ def motion_flow(
     """
     geo = FlowGeometry.create(frame_shape, tile, window)
     _validate(q, k, geo, span, temperature, head_reduce)
+    if windows is not None:
+        _validate_windows(windows, q, geo, span, head_reduce)
     chosen = resolve_backend(backend, q.device)
     if q.dim() == 5 and head_reduce == "mean_qk":
         q, k = q.mean(dim=3), k.mean(dim=3)
     if q.dim() == 4:
-        flow, pairs, windows = _flow_4d(q, k, geo, span, temperature, chosen)
+        flow, pairs, windows = _flow_4d(q, k, geo, span, temperature, chosen, windows)
     else:
         b, f, s, h, d = q.shape
         per_head = lambda t: t.permute(0, 3, 1, 2, 4).reshape(b * h, f, s, d)  # noqa: E731
-        flow, pairs, windows = _flow_4d(per_head(q), per_head(k), geo, span, temperature, chosen)
+        if windows is not None:  # (B, P, H, n, 2) -> (B * H, P, n, 2)
+            windows = windows.transpose(1, 2).reshape(b * h, *windows.shape[1:2], *windows.shape[3:])
+        flow, pairs, windows = _flow_4d(per_head(q), per_head(k), geo, span, temperature, chosen, windows)
         flow = flow.reshape(b, h, *flow.shape[1:]).mean(dim=1)
         windows = windows.reshape(b, h, *windows.shape[1:]).transpose(1, 2)
     return (flow, pairs, windows) if return_windows else (flow, pairs)

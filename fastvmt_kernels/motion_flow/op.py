@@ -1,6 +1,6 @@
 """torch.library custom ops around the motion-flow Triton kernels (forward, backward, fake tensors, autograd).
 
-``fastvmt::motion_flow_fwd(q, k, pairs, ...) -> (flow, windows, lse)`` and
+``fastvmt::motion_flow_fwd(q, k, pairs, given_windows, ...) -> (flow, windows, lse)`` and
 ``fastvmt::motion_flow_bwd(grad_flow, q, k, pairs, windows, flow, lse, ...) -> (dq, dk)``; the forward registers the
 backward through ``register_autograd`` so the op is differentiable and traceable by torch.compile.
 The launchers take preallocated outputs so tests can poison them.
@@ -8,7 +8,7 @@ The launchers take preallocated outputs so tests can poison them.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -138,23 +138,29 @@ def _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w) -> FlowGeome
 
 @torch.library.custom_op("fastvmt::motion_flow_fwd", mutates_args=())
 def motion_flow_fwd(
-    q: Tensor, k: Tensor, pairs: Tensor,
+    q: Tensor, k: Tensor, pairs: Tensor, given_windows: Optional[Tensor],
     frame_h: int, frame_w: int, tile_h: int, tile_w: int, window_h: int, window_w: int, temperature: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(flow (B, P, S, 2) fp32, windows (B, P, n_tiles, 2) int64, lse (B, P, S) fp32) for contiguous q, k."""
+    """(flow (B, P, S, 2) fp32, windows (B, P, n_tiles, 2) int64, lse (B, P, S) fp32) for contiguous q, k.
+
+    ``given_windows`` (B, P, n_tiles, 2) int64 replaces the coarse pass (returned as a copy); None runs it.
+    """
     geo = _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w)
     b, _, seq, _ = q.shape
     p = pairs.shape[0]
-    windows = torch.empty(b, p, geo.num_tiles, 2, dtype=torch.int64, device=q.device)
     flow = torch.empty(b, p, seq, 2, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, p, seq, dtype=torch.float32, device=q.device)
-    launch_coarse(q, k, pairs, geo, temperature, windows)
+    if given_windows is None:
+        windows = torch.empty(b, p, geo.num_tiles, 2, dtype=torch.int64, device=q.device)
+        launch_coarse(q, k, pairs, geo, temperature, windows)
+    else:
+        windows = given_windows.contiguous().clone()
     launch_fine_forward(q, k, pairs, windows, geo, temperature, flow, lse)
     return flow, windows, lse
 
 
 @motion_flow_fwd.register_fake
-def _motion_flow_fwd_fake(q, k, pairs, frame_h, frame_w, tile_h, tile_w, window_h, window_w, temperature):
+def _motion_flow_fwd_fake(q, k, pairs, given_windows, frame_h, frame_w, tile_h, tile_w, window_h, window_w, temperature):
     geo = _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w)
     b, _, seq, _ = q.shape
     p = pairs.shape[0]
@@ -184,7 +190,7 @@ def _motion_flow_bwd_fake(grad_flow, q, k, pairs, windows, flow, lse, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, pairs, *geometry = inputs
+    q, k, pairs, _given_windows, *geometry = inputs
     flow, windows, lse = output
     ctx.save_for_backward(q, k, pairs, windows, flow, lse)
     ctx.geometry = geometry
@@ -193,18 +199,21 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_flow, grad_windows, grad_lse):
     q, k, pairs, windows, flow, lse = ctx.saved_tensors
     dq, dk = motion_flow_bwd(grad_flow, q, k, pairs, windows, flow, lse, *ctx.geometry)
-    return (dq, dk, None) + (None,) * len(ctx.geometry)
+    return (dq, dk, None, None) + (None,) * len(ctx.geometry)
 
 
 motion_flow_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def motion_flow_triton(
-    q: Tensor, k: Tensor, geo: FlowGeometry, span: int, temperature: float
+    q: Tensor, k: Tensor, geo: FlowGeometry, span: int, temperature: float, windows: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(flow, pairs, windows) by the Triton kernels; q, k: (B, F, S, D) with D a multiple of 16 up to 256."""
+    """(flow, pairs, windows) by the Triton kernels; q, k: (B, F, S, D) with D a multiple of 16 up to 256.
+
+    windows: optional (B, P, n_tiles, 2) int64 origins to use instead of the coarse pass.
+    """
     pairs = make_pairs(q.shape[1], span, q.device)
     flow, windows, _ = motion_flow_fwd(
-        q.contiguous(), k.contiguous(), pairs, *geo.frame, *geo.tile, *geo.window, float(temperature)
+        q.contiguous(), k.contiguous(), pairs, windows, *geo.frame, *geo.tile, *geo.window, float(temperature)
     )
     return flow, pairs, windows
