@@ -199,11 +199,7 @@ def build_header(args, pipe) -> Dict[str, str]:
         "diffusers": diffusers.__version__,
         "checkpoint": f"{args.checkpoint or 'shipped (fastvmt/testbed/checkpoint)'}, trained {info.get('step', '?')} "
                       f"steps x batch {info.get('batch', '?')}",
-        "settings": (f"motion block {recipes.MOTION_BLOCK}, temperature {recipes.TEMPERATURE}, reference noise "
-                     f"{recipes.REFERENCE_NOISE}, guided fraction {recipes.GUIDED_FRACTION}, lr x{recipes.LR_SCALE}, "
-                     "AMF tile "
-                     f"{recipes.AMF_TILE} window {recipes.AMF_WINDOW}, local attention tile {recipes.LOCAL_TILE} "
-                     f"window {recipes.LOCAL_WINDOW}"),
+        "settings": recipes.settings_summary(),
         "timestamp_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 

@@ -5,8 +5,9 @@
 
 A variant is ``"LABEL=METHOD key=value ..."`` (or just ``"METHOD"``): METHOD is one of
 ``fastvmt.testbed.recipes.METHODS``; each ``key=value`` overrides a ``MotionTransferConfig`` field (values are Python
-literals, e.g. ``tile=(1,1)``), except ``lr_scale=S`` which multiplies the method's testbed learning rates by S and
-``guided_fraction=F`` which sets ``guided_steps = round(F * steps)``. The development pairs are drawn with a different
+literals, e.g. ``tile=(1,1)``), except ``lr_scale=S`` (the recipe's preset learning rates x S, replacing the testbed's
+multiplier), ``guided_fraction=F`` (``guided_steps = round(F * steps)``) and ``local_phases=...`` (for
+"fastvmt_local": "guidance", "denoise" or "both"). The development pairs are drawn with a different
 seed from the evaluation pairs of ``testbed_eval.py`` (``PAIR_SEED + DEV_OFFSET``), so settings chosen here are then
 scored on clips they were not tuned on. "unguided" always runs too: every variant gets its paired difference.
 Appends one row per variant to ``--out`` (markdown) and ``--csv``; rows of earlier runs are kept.
@@ -54,10 +55,6 @@ def parse_variant(text: str, steps: int) -> Tuple[str, str, Dict]:
             raise ValueError(f"variant {text!r}: expected key=value, got {word!r}")
         key, raw = word.split("=", 1)
         overrides[key] = ast.literal_eval(raw)
-    if "lr_scale" in overrides:
-        scale = float(overrides.pop("lr_scale"))
-        base = recipes.motion_config(method, steps)
-        overrides["lr_start"], overrides["lr_end"] = base.lr_start * scale, base.lr_end * scale
     if "guided_fraction" in overrides:
         overrides["guided_steps"] = max(1, round(float(overrides.pop("guided_fraction")) * steps))
     return label or text.replace(" ", "_"), method, overrides
@@ -138,6 +135,7 @@ def write_markdown(csv_path: Path, out: Path, args) -> None:
     info = recipes.checkpoint_info(args.checkpoint)
     lines = ["# Testbed recipe sweep (development pairs)", "",
              f"- checkpoint: `{args.checkpoint or 'shipped'}`, trained {info.get('step', '?')} steps",
+             f"- testbed settings that variants override (at the time of writing): {recipes.settings_summary()}",
              f"- development pairs: random clips drawn with seed {PAIR_SEED + DEV_OFFSET} (the evaluation in "
              "`testbed.md` uses other clips); the demo clip is excluded",
              "- aligned = trajectory error after first-frame alignment (px, lower is better); diff = paired "

@@ -1,12 +1,22 @@
 """The methods compared on the testbed, with the settings that suit the tiny pixel-space model.
 
-The tiny model differs from Wan2.1 in ways that change a few knobs (all are ``MotionTransferConfig`` fields):
-its token grid is 8 x 4 x 4 (so the AMF tile / window are small), its 4 heads are weak alone (so the flow is averaged
-per head, ``head_reduce="mean_flow"``), its softmax is flat at temperature 1 (so ``temperature`` is 3), and in 16 x 16
-pixel space high noise erases the motion (so the reference flow is taken at a low fixed noise level and guidance
-covers half of the schedule), and its pixel-space latents need larger steps (both recipes' learning rates x LR_SCALE).
-Both recipes get the same block, temperature and number of guided steps, so the
-comparison isolates the recipes' own choices (windowed vs global AMF, soft vs hard reference, loss, optimiser, reuse).
+The tiny model differs from Wan2.1 in ways that change a few knobs (all are ``MotionTransferConfig`` fields): its
+token grid is 8 x 4 x 4, its 4 heads are weak alone, its softmax is flat at temperature 1, high noise erases the
+motion of a 16 x 16 pixel clip, and its pixel-space latents need larger optimiser steps. Each recipe therefore runs
+with the settings that scored best *for that recipe* in the same sweep on development pairs (clips other than the
+evaluation's; ``benchmarks/results/testbed_sweep.md``), from the same budget of variants:
+
+- both: motion block 5 (the last; its flows are the most accurate, ``testbed_gates.md``) and guidance over the first
+  half of the steps;
+- ditflow: temperature 10, learning rates x9, reference at sigma 0.2 (its hard-argmax reference degrades on the clean
+  clip, where the flat background ties);
+- fastvmt: per-head flows (``head_reduce="mean_flow"``), temperature 3, learning rates x6, the clean reference
+  (sigma 0), all forward pairs of the 8 frames (span 8), gradient reuse with k = 5 carried across steps (one
+  forward+backward per guided step after the first: as accurate as k = 3 or no reuse, in fewer passes), and a
+  4-token window: on 4 x 4-token frames that is the
+  whole frame, so the coarse-to-fine windowing (which pays off on Wan's 30 x 52 frames) is a no-op here. With 3-token
+  windows each video's windows differ and the soft argmax's pull towards the window centre swamps the motion, unless
+  the target uses the reference's windows (``window_source="reference"``): see the sweep.
 """
 from __future__ import annotations
 
@@ -19,44 +29,53 @@ from typing import Dict, Iterator, Optional, Tuple
 
 METHODS: Tuple[str, ...] = ("unguided", "ditflow", "fastvmt", "fastvmt_no_reuse", "fastvmt_local")
 DEMO_METHODS: Tuple[str, ...] = ("unguided", "ditflow", "fastvmt", "fastvmt_local")
-MOTION_BLOCK = 5  # the last block: its per-head flows are the most accurate (benchmarks/results/testbed_gates.md)
-TEMPERATURE = 3.0  # with per-head flows, 3 was more accurate than 10 in the gate 2 tables
-REFERENCE_NOISE = 0.2
+MOTION_BLOCK = 5
 GUIDED_FRACTION = 0.5
-LR_SCALE = 3.0  # both recipes' learning rates x3: pixel-space latents of the tiny model move less per unit lr
-AMF_TILE = (2, 2)
-AMF_WINDOW = 3
+# Per recipe: MotionTransferConfig fields, plus lr_scale (multiplies the recipe's own learning rates).
+RECIPE_SETTINGS: Dict[str, Dict] = {
+    "ditflow": dict(temperature=10.0, reference_noise=0.2, lr_scale=9.0),
+    "fastvmt": dict(temperature=3.0, reference_noise=0.0, lr_scale=6.0, head_reduce="mean_flow", tile=(2, 2),
+                    window=4, span=8, reuse_interval=5, carry_gradient_across_steps=True),
+}
 LOCAL_TILE = (1, 4, 4)  # one frame per tile: local attention = a temporal window
 LOCAL_WINDOW = (3, 1, 1)  # each frame attends to itself and its two neighbours
+LOCAL_PHASES = "guidance"  # local attention in the guidance passes only (better than both phases in the sweep)
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 3.0
 CHECKPOINT_DIR = os.path.join(os.path.dirname(__file__), "checkpoint")
 
 
 def motion_config(method: str, num_inference_steps: int = DEFAULT_STEPS, **overrides):
-    """The ``MotionTransferConfig`` of ``method`` (None for "unguided"); ``overrides`` replace any field."""
+    """The ``MotionTransferConfig`` of ``method`` (None for "unguided").
+
+    ``overrides`` replace any field; ``lr_scale=S`` replaces the recipe's learning-rate multiplier.
+    """
     from fastvmt import MotionTransferConfig
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; accepted: {METHODS}")
     if method == "unguided":
         return None
-    common = dict(
-        motion_block=MOTION_BLOCK,
-        guided_steps=max(1, round(GUIDED_FRACTION * num_inference_steps)),
-        temperature=TEMPERATURE,
-        reference_noise=REFERENCE_NOISE,
-    )
-    if method == "ditflow":
-        settings = dict(recipe="ditflow", **common)
-    else:
-        settings = dict(recipe="fastvmt", tile=AMF_TILE, window=AMF_WINDOW, head_reduce="mean_flow", **common)
-        if method == "fastvmt_no_reuse":
-            settings["reuse_interval"] = 1
-    preset = MotionTransferConfig(recipe=settings["recipe"])
-    settings.update(lr_start=preset.lr_start * LR_SCALE, lr_end=preset.lr_end * LR_SCALE)
+    recipe = "ditflow" if method == "ditflow" else "fastvmt"
+    settings = dict(RECIPE_SETTINGS[recipe], recipe=recipe, motion_block=MOTION_BLOCK,
+                    guided_steps=max(1, round(GUIDED_FRACTION * num_inference_steps)))
+    if method == "fastvmt_no_reuse":
+        settings.update(reuse_interval=1, carry_gradient_across_steps=False)
     settings.update(overrides)
+    lr_scale = settings.pop("lr_scale")
+    preset = MotionTransferConfig(recipe=recipe)
+    settings.setdefault("lr_start", preset.lr_start * lr_scale)
+    settings.setdefault("lr_end", preset.lr_end * lr_scale)
     return MotionTransferConfig(**settings)
+
+
+def settings_summary() -> str:
+    """One line naming every testbed setting (for result headers)."""
+    parts = [f"motion block {MOTION_BLOCK}", f"guided fraction {GUIDED_FRACTION}"]
+    for recipe, settings in RECIPE_SETTINGS.items():
+        parts.append(recipe + ": " + ", ".join(f"{k} {v}" for k, v in settings.items()))
+    parts.append(f"local attention tile {LOCAL_TILE} window {LOCAL_WINDOW} phases {LOCAL_PHASES}")
+    return "; ".join(parts)
 
 
 def load_pipeline(checkpoint: Optional[str] = None):
@@ -84,14 +103,14 @@ def checkpoint_geometry(checkpoint: Optional[str] = None) -> Tuple[int, int]:
 
 
 @contextmanager
-def local_attention_installed(transformer, enabled: bool) -> Iterator[None]:
-    """Install the testbed's local self-attention on every block for the duration (guidance and denoising)."""
+def local_attention_installed(transformer, enabled: bool, phases: str = LOCAL_PHASES) -> Iterator[None]:
+    """Install the testbed's local self-attention on every block for the duration, in ``phases``."""
     if not enabled:
         yield
         return
     from fastvmt import apply_local_attention
 
-    previous = apply_local_attention(transformer, tile=LOCAL_TILE, window=LOCAL_WINDOW, phases="both")
+    previous = apply_local_attention(transformer, tile=LOCAL_TILE, window=LOCAL_WINDOW, phases=phases)
     try:
         yield
     finally:
@@ -113,9 +132,10 @@ def run_method(pipe, method: str, prompt: str, reference, seed: int, num_inferen
     from .data import DEFAULT_FRAMES, DEFAULT_SIZE
     from .model import TEXT_LENGTH
 
+    local_phases = overrides.pop("local_phases", LOCAL_PHASES)
     config = motion_config(method, num_inference_steps, **overrides)
     generator = torch.Generator().manual_seed(seed)
-    with local_attention_installed(pipe.transformer, method == "fastvmt_local"):
+    with local_attention_installed(pipe.transformer, method == "fastvmt_local", local_phases):
         start = time.perf_counter()
         out = pipe(
             prompt=prompt,
