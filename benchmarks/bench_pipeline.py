@@ -16,7 +16,8 @@ Phases (median of REPEATS after one warm-up, CUDA-synchronised wall clock):
 Variants: plain generation; the ditflow recipe; the fastvmt recipe; fastvmt + local attention in the guidance passes;
 fastvmt + local attention everywhere (``fastvmt.apply_local_attention`` defaults: tile (3, 10, 4), window (5, 2, 7),
 25.6% of the query-key pairs). Guidance runs with gradient checkpointing of the truncated blocks (the no-checkpoint
-peak memory of one gradient iteration is measured separately).
+peak memory of one gradient iteration is measured separately). A last row re-composes the fastvmt row's phase
+times for gradient reuse with k = 5 carried across steps (the testbed recipe's setting).
 
 Per-video totals are composed from the schedule (text encoding excluded), N = 50 steps, G = 10 guided steps:
 plain = N*denoise + decode; ditflow = encode + 1*reference (fixed clean reference, computed once) + G*5*gradient +
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -65,6 +66,8 @@ else:
 REUSE_REPEATS = 5
 
 VARIANTS = ("plain", "ditflow", "fastvmt", "fastvmt+local(guidance)", "fastvmt+local(all)")
+CARRIED_REUSE_INTERVAL = 5
+CARRIED_VARIANT = f"fastvmt(k={CARRIED_REUSE_INTERVAL} carried, composed)"
 RESULTS: Dict[str, Dict[str, object]] = {}
 SHARED: Dict[str, float] = {}
 
@@ -203,8 +206,7 @@ def _measure(bench, variant: str) -> Dict[str, object]:
                                              weight_decay=config.weight_decay),
                     repeats=REUSE_REPEATS,
                 )
-            row["reuse_interval"] = config.reuse_interval
-            row["inner_iters"] = config.inner_iters
+            row["gradient_passes"], row["reuse_iters"] = schedule_counts(config)
             row["reference_passes"] = 1 if config.reference_is_fixed else GUIDED_STEPS
         row["peak_gib"] = _peak_gib()
         if variant == "fastvmt":
@@ -232,6 +234,26 @@ def _gradient_without_checkpointing(pipe, ref, t, prompt_embeds, config, master)
         return {"peak_gib_no_ckpt": "OOM"}
 
 
+def schedule_counts(config) -> Tuple[int, int]:
+    """(gradient iterations, reuse iterations) over the GUIDED_STEPS guided steps of ``config`` (carry included)."""
+    gradients, cached = 0, False
+    for _ in range(GUIDED_STEPS):
+        for j in range(config.inner_iters):
+            if config.computes_gradient(j, cached):
+                gradients, cached = gradients + 1, True
+    return gradients, GUIDED_STEPS * config.inner_iters - gradients
+
+
+def carried_row(fastvmt_row: Dict[str, object]) -> Dict[str, object]:
+    """The fastvmt row re-composed for k = 5 carried across steps (the testbed's reuse setting): same phase times."""
+    config = _config("fastvmt", reuse_interval=CARRIED_REUSE_INTERVAL, carry_gradient_across_steps=True)
+    row = {k: v for k, v in fastvmt_row.items() if "no_ckpt" not in k}
+    row["variant"] = CARRIED_VARIANT
+    row["gradient_passes"], row["reuse_iters"] = schedule_counts(config)
+    compose_totals(row)
+    return row
+
+
 def compose_totals(row: Dict[str, object]) -> None:
     """Add per-video guidance and total seconds to ``row`` from the schedule in the module docstring."""
     if "error" in row:
@@ -239,12 +261,11 @@ def compose_totals(row: Dict[str, object]) -> None:
     denoise = NUM_STEPS * row["denoise_step_s"] + SHARED["vae_decode_s"]
     guidance = 0.0
     if row["variant"] != "plain":
-        iters, interval = row["inner_iters"], row["reuse_interval"]
-        gradients = len(range(0, iters, interval))
         guidance = (
             SHARED["vae_encode_s"]
             + row["reference_passes"] * row["reference_pass_s"]
-            + GUIDED_STEPS * (gradients * row["gradient_iter_s"] + (iters - gradients) * row["reuse_iter_s"])
+            + row["gradient_passes"] * row["gradient_iter_s"]
+            + row["reuse_iters"] * row["reuse_iter_s"]
         )
     row["guidance_s_per_video"] = guidance
     row["total_s_per_video"] = guidance + denoise
@@ -265,6 +286,8 @@ def test_phase_times(bench, variant):
 def test_write_results():
     if not RESULTS:
         pytest.skip("no variant ran")
+    if "fastvmt" in RESULTS and "error" not in RESULTS["fastvmt"]:
+        RESULTS[CARRIED_VARIANT] = carried_row(RESULTS["fastvmt"])
     plain = RESULTS.get("plain", {}).get("total_s_per_video")
     ditflow = RESULTS.get("ditflow", {}).get("guidance_s_per_video")
     for row in RESULTS.values():
@@ -286,6 +309,9 @@ def test_write_results():
         "ditflow: 1 reference pass (fixed clean reference) + G*5 gradient iterations; fastvmt: G reference passes + "
         "G*(4 gradient + 6 reuse iterations); guidance_s includes the VAE encode, totals include the decode, "
         "text encoding excluded",
+        f"{CARRIED_VARIANT}: the fastvmt row's measured phase times composed for reuse_interval="
+        f"{CARRIED_REUSE_INTERVAL} with carry_gradient_across_steps=True (G + 1 gradient iterations; the "
+        "testbed recipe's reuse setting, benchmarks/results/testbed_sweep.md); not a separate measurement",
         "guidance passes use gradient checkpointing of the truncated blocks (what gradient_checkpointing='auto' picks "
         "at this size); *_no_ckpt: one gradient computation (no AdamW step) without it; times are medians after "
         "one warm-up",

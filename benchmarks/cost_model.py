@@ -55,14 +55,24 @@ def variant_flops(shape: WanShape, config: MotionTransferConfig, steps: int, gui
     grad_pass = truncated * (1 + BACKWARD_FACTOR + (CHECKPOINT_RECOMPUTE if checkpointing else 0.0))
     if not guided:
         return dict(reference=0.0, gradient=0.0, denoise=denoise, gradient_passes=0)
-    passes_per_step = sum(config.computes_gradient(j, j > 0) for j in range(config.inner_iters))
+    passes = gradient_passes(config)
     reference_passes = 1 if config.reference_is_fixed else config.guided_steps
     return dict(
         reference=reference_passes * truncated,
-        gradient=config.guided_steps * passes_per_step * grad_pass,
+        gradient=passes * grad_pass,
         denoise=denoise,
-        gradient_passes=config.guided_steps * passes_per_step,
+        gradient_passes=passes,
     )
+
+
+def gradient_passes(config: MotionTransferConfig) -> int:
+    """Forward+backward passes over all guided steps, following ``computes_gradient`` (carried gradients too)."""
+    passes, cached = 0, False
+    for _ in range(config.guided_steps):
+        for j in range(config.inner_iters):
+            if config.computes_gradient(j, cached):
+                passes, cached = passes + 1, True
+    return passes
 
 
 def main() -> int:
@@ -70,12 +80,15 @@ def main() -> int:
     shape = WanShape()
     steps = 50
     fastvmt, ditflow = MotionTransferConfig(), MotionTransferConfig(recipe="ditflow")
+    carried = fastvmt.replace(reuse_interval=5, carry_gradient_across_steps=True)
     variants = [
         ("plain generation", fastvmt, 1.0, 1.0, False),
         ("ditflow recipe", ditflow, 1.0, 1.0, True),
         ("fastvmt recipe", fastvmt, 1.0, 1.0, True),
         ("fastvmt + local attention in guidance", fastvmt, LOCAL_DENSITY, 1.0, True),
         ("fastvmt + local attention everywhere", fastvmt, LOCAL_DENSITY, LOCAL_DENSITY, True),
+        ("fastvmt, k = 5 carried (testbed setting)", carried, 1.0, 1.0, True),
+        ("fastvmt, k = 5 carried + local attention in guidance", carried, LOCAL_DENSITY, 1.0, True),
     ]
     lines = [
         "# Analytic per-video FLOPs (Wan2.1-1.3B, 480x832x81, 50 steps)",
@@ -90,6 +103,9 @@ def main() -> int:
         f"{fastvmt.inner_iters} iterations, reuse every {fastvmt.reuse_interval}, motion block {fastvmt.motion_block}; "
         f"ditflow {ditflow.guided_steps} x {ditflow.inner_iters}, no reuse, reference computed once",
         "- backward = 2x forward; 'ckpt' adds one recomputed forward per gradient pass",
+        "- 'k = 5 carried': reuse_interval=5 with carry_gradient_across_steps=True, the reuse setting of the testbed "
+        "recipe (as accurate as no reuse there, benchmarks/results/testbed_sweep.md); its quality on Wan2.1 is not "
+        "measured",
         "",
         "| variant | gradient passes | reference PFLOP | gradient PFLOP (no ckpt / ckpt) | denoise PFLOP "
         "| total PFLOP (no ckpt / ckpt) | vs plain | vs ditflow |",
