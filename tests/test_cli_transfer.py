@@ -36,7 +36,11 @@ def test_help_lists_transfer():
     assert "transfer" in help_text
 
 
-@pytest.mark.parametrize("extra", [(), ("--recipe", "ditflow", "--local-attention", "both", "--local-window", "1,1,1")])
+@pytest.mark.parametrize("extra", [
+    (),
+    ("--recipe", "ditflow", "--local-attention", "both", "--local-window", "1,1,1"),
+    ("--reuse-interval", "5", "--carry-gradient", "--window-source", "reference"),
+])
 def test_transfer_writes_video_of_requested_size(model_dir, reference_path, tmp_path, capsys, extra):
     out = tmp_path / "out" / "result.mp4"
     assert main(_args(model_dir, reference_path, out, *extra)) == 0
@@ -54,6 +58,7 @@ def test_transfer_writes_video_of_requested_size(model_dir, reference_path, tmp_
         (dict(flags=("--height", "40")), "multiples of 16"),
         (dict(flags=("--num-frames", "8")), r"4k \+ 1"),
         (dict(flags=("--guided-steps", "-1")), "guided_steps must be an int >= 0"),
+        (dict(flags=("--reuse-interval", "0")), "reuse_interval must be an int >= 1"),
         (dict(out="result.avi"), "--out must end with"),
     ],
 )
@@ -70,3 +75,15 @@ def test_bad_input_fails_cleanly_without_output(model_dir, reference_path, tmp_p
     assert re.search(match, err), err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.mp4"]
+
+
+def test_guidance_flags_reach_the_config():
+    from fastvmt.commands.transfer import _build_config
+
+    parser = build_parser()
+    args = parser.parse_args(_args("m", "r.mp4", "o.mp4", "--reuse-interval", "5", "--carry-gradient",
+                                   "--window-source", "reference"))
+    config = _build_config(args)
+    assert (config.reuse_interval, config.carry_gradient_across_steps, config.window_source) == (5, True, "reference")
+    default = _build_config(parser.parse_args(_args("m", "r.mp4", "o.mp4")))
+    assert (default.reuse_interval, default.carry_gradient_across_steps, default.window_source) == (3, False, "own")

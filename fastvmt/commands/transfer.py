@@ -9,6 +9,7 @@ RECIPE_CHOICES = ("fastvmt", "ditflow")
 LOCAL_ATTENTION_CHOICES = ("none", "guidance", "denoise", "both")
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 INIT_CHOICES = ("noise", "reference")
+WINDOW_SOURCE_CHOICES = ("own", "reference")
 
 
 def _int_triple(text: str):
@@ -39,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", choices=RECIPE_CHOICES, default="fastvmt", help="guidance recipe (default fastvmt)")
     parser.add_argument("--guided-steps", type=int, default=None, help="guided denoising steps (default 10)")
     parser.add_argument("--motion-block", type=int, default=None, help="transformer block giving Q/K (default 14)")
+    parser.add_argument("--reuse-interval", type=int, default=None,
+                        help="fastvmt: run the model every N-th inner iteration, reuse the gradient otherwise (default 3)")
+    parser.add_argument("--carry-gradient", action="store_true",
+                        help="fastvmt: also reuse the cached gradient at the first iteration of the next guided step")
+    parser.add_argument("--window-source", choices=WINDOW_SOURCE_CHOICES, default=None,
+                        help="fastvmt: AMF windows of the generated video: its own coarse pass (default) or the "
+                             "reference's")
     parser.add_argument(
         "--init", choices=INIT_CHOICES, default="noise", help="start from noise or the noised reference (strength 0.75)"
     )
@@ -78,6 +86,12 @@ def _build_config(args):
         overrides["guided_steps"] = args.guided_steps
     if args.motion_block is not None:
         overrides["motion_block"] = args.motion_block
+    if args.reuse_interval is not None:
+        overrides["reuse_interval"] = args.reuse_interval
+    if args.carry_gradient:
+        overrides["carry_gradient_across_steps"] = True
+    if args.window_source is not None:
+        overrides["window_source"] = args.window_source
     return MotionTransferConfig(**overrides)
 
 
