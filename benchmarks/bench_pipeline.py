@@ -206,7 +206,7 @@ def _measure(bench, variant: str) -> Dict[str, object]:
                                              weight_decay=config.weight_decay),
                     repeats=REUSE_REPEATS,
                 )
-            row["gradient_passes"], row["reuse_iters"] = schedule_counts(config)
+            row["gradient_passes"], row["reuse_iters"] = _schedule_counts(config)
             row["reference_passes"] = 1 if config.reference_is_fixed else GUIDED_STEPS
         row["peak_gib"] = _peak_gib()
         if variant == "fastvmt":
@@ -234,14 +234,10 @@ def _gradient_without_checkpointing(pipe, ref, t, prompt_embeds, config, master)
         return {"peak_gib_no_ckpt": "OOM"}
 
 
-def schedule_counts(config) -> Tuple[int, int]:
-    """(gradient iterations, reuse iterations) over the GUIDED_STEPS guided steps of ``config`` (carry included)."""
-    gradients, cached = 0, False
-    for _ in range(GUIDED_STEPS):
-        for j in range(config.inner_iters):
-            if config.computes_gradient(j, cached):
-                gradients, cached = gradients + 1, True
-    return gradients, GUIDED_STEPS * config.inner_iters - gradients
+def _schedule_counts(config) -> Tuple[int, int]:
+    """(gradient iterations, reuse iterations) over all guided steps of ``config``."""
+    gradients = config.gradient_iterations
+    return gradients, config.guided_steps * config.inner_iters - gradients
 
 
 def carried_row(fastvmt_row: Dict[str, object]) -> Dict[str, object]:
@@ -249,7 +245,7 @@ def carried_row(fastvmt_row: Dict[str, object]) -> Dict[str, object]:
     config = _config("fastvmt", reuse_interval=CARRIED_REUSE_INTERVAL, carry_gradient_across_steps=True)
     row = {k: v for k, v in fastvmt_row.items() if "no_ckpt" not in k}
     row["variant"] = CARRIED_VARIANT
-    row["gradient_passes"], row["reuse_iters"] = schedule_counts(config)
+    row["gradient_passes"], row["reuse_iters"] = _schedule_counts(config)
     compose_totals(row)
     return row
 

@@ -55,7 +55,7 @@ def variant_flops(shape: WanShape, config: MotionTransferConfig, steps: int, gui
     grad_pass = truncated * (1 + BACKWARD_FACTOR + (CHECKPOINT_RECOMPUTE if checkpointing else 0.0))
     if not guided:
         return dict(reference=0.0, gradient=0.0, denoise=denoise, gradient_passes=0)
-    passes = gradient_passes(config)
+    passes = config.gradient_iterations
     reference_passes = 1 if config.reference_is_fixed else config.guided_steps
     return dict(
         reference=reference_passes * truncated,
@@ -63,16 +63,6 @@ def variant_flops(shape: WanShape, config: MotionTransferConfig, steps: int, gui
         denoise=denoise,
         gradient_passes=passes,
     )
-
-
-def gradient_passes(config: MotionTransferConfig) -> int:
-    """Forward+backward passes over all guided steps, following ``computes_gradient`` (carried gradients too)."""
-    passes, cached = 0, False
-    for _ in range(config.guided_steps):
-        for j in range(config.inner_iters):
-            if config.computes_gradient(j, cached):
-                passes, cached = passes + 1, True
-    return passes
 
 
 def main() -> int:

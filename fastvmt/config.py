@@ -215,6 +215,17 @@ class MotionTransferConfig:
             return False
         return iteration % self.reuse_interval == 0
 
+    @property
+    def gradient_iterations(self) -> int:
+        """Inner iterations that run a forward+backward pass over all ``guided_steps`` (carried gradients counted);
+        the other ``guided_steps * inner_iters - gradient_iterations`` reuse the cached gradient."""
+        count, cached = 0, False
+        for _ in range(self.guided_steps):
+            for j in range(self.inner_iters):
+                if self.computes_gradient(j, cached):
+                    count, cached = count + 1, True
+        return count
+
     def replace(self, **changes) -> "MotionTransferConfig":
         """A validated copy with ``changes`` applied (recipe-dependent fields keep their current values)."""
         return dataclasses.replace(self, **changes)

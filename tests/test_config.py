@@ -85,3 +85,11 @@ def test_replace_validates():
     assert cfg.guided_steps == 3
     with pytest.raises(ValueError, match="span"):
         cfg.replace(span=0)
+
+
+def test_gradient_iterations_count_the_schedule():
+    assert MotionTransferConfig().gradient_iterations == 40  # 10 steps x iterations 0, 3, 6, 9
+    carried = MotionTransferConfig(reuse_interval=5, carry_gradient_across_steps=True)
+    assert carried.gradient_iterations == 2 + 9  # iterations 0 and 5, then only 5 (0 reuses the carried gradient)
+    assert MotionTransferConfig(recipe="ditflow").gradient_iterations == 50
+    assert MotionTransferConfig(guided_steps=0).gradient_iterations == 0
