@@ -231,6 +231,7 @@ def test_motion_flow(benchmark, provider):
     ms = stats.stats.median * 1e3 if stats is not None else wall * 1e3
     pairs = f * f if provider == "dense_global" else make_pairs(f, SHAPE["span"]).shape[0]
     RESULTS.append({"provider": provider, "pairs": pairs, "ms": ms, "peak_MiB": mem / 2**20})
+    _write(RESULTS)  # rewritten after every provider: a stage timeout keeps what was measured
 
 
 def _write(rows: List[Dict[str, object]]) -> None:
