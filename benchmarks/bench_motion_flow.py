@@ -270,3 +270,51 @@ def _write(rows: List[Dict[str, object]]) -> None:
     if MODE.startswith("cpu") and not os.environ.get(OUT_ENV):
         os.environ[OUT_ENV] = str(RESULTS_DIR)  # the CPU reference figures are a deliverable, not a dry run
     write_table(f"motion_flow_{MODE}", "Motion flow: fused kernel vs dense PyTorch AMF", rows, columns, notes)
+
+
+PROFILE_STEPS = 3
+PROFILE_TOP = 12
+
+
+def test_fused_kernel_breakdown():
+    """Where one fused step's time goes: per-kernel device time (CUDA) or per-op CPU time (dry / CPU), averaged over
+    PROFILE_STEPS profiled steps after a warm-up. -> results/motion_flow_<mode>_kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if MODE.startswith("cpu"):
+        pytest.skip("the interpreter's per-op CPU time says nothing about the kernels' GPU cost")
+    geo = _geometry(SHAPE)
+    b, f, d = SHAPE["batch"], SHAPE["frames"], SHAPE["dim"]
+    q, k = (torch.randn(b, f, geo.num_tokens, d, device=DEVICE).to(DTYPE).requires_grad_() for _ in range(2))
+    step = make_step("fused", q, k, geo, SHAPE["span"])
+    step()
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    sync()
+    on_gpu = DEVICE == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        for _ in range(PROFILE_STEPS):
+            step()
+        sync()
+    rows = []
+    for event in prof.key_averages():
+        micros = getattr(event, "device_time_total", None) if on_gpu else event.self_cpu_time_total
+        if on_gpu and micros is None:
+            micros = event.cuda_time_total
+        if micros and micros > 0:
+            rows.append({"kernel": event.key[:80], "calls_per_step": event.count / PROFILE_STEPS,
+                         "us_per_step": micros / PROFILE_STEPS})
+    if on_gpu:  # device events only (the CUDA activity also lists runtime calls with zero device time)
+        rows = [r for r in rows if "cuda" not in r["kernel"].lower() or "kernel" in r["kernel"].lower()]
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    for row in rows:
+        row["share"] = row["us_per_step"] / total
+    notes = [
+        f"mode: {MODE}; shape as motion_flow_{MODE}; fused step = forward + backward (dq, dk); "
+        f"{PROFILE_STEPS} profiled steps after one warm-up, per-step averages",
+        ("device time per kernel (torch.profiler CUDA activity); total device time per step "
+         if on_gpu else "self CPU time per op (dry run); total ") + f"{total:.1f} us; top {PROFILE_TOP} shown",
+    ]
+    write_table(f"motion_flow_{MODE}_kernels", "Motion flow: fused step, time per kernel", rows[:PROFILE_TOP],
+                ["kernel", "calls_per_step", "us_per_step", "share"], notes)
+    assert rows, "the profiler recorded nothing"

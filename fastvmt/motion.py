@@ -12,7 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .config import MotionTransferConfig
-from .processors import StopForward, capture_qk, set_token_grid, token_grid_of
+from .processors import StopForward, attention_phase, capture_qk, current_phase, set_token_grid, token_grid_of
 
 
 @dataclass
@@ -33,6 +33,18 @@ class MotionFlow:
     key: Optional[torch.Tensor] = None
 
 
+def _in_phase(phase: str, layer, *args):
+    """``layer(*args)`` under attention phase ``phase``.
+
+    Checkpointed blocks are recomputed inside backward, which on CUDA runs in autograd's device thread, where the
+    (thread-local) phase marker of the forward is not set: the recomputation must re-enter the forward's phase, or a
+    phase-selective processor (``apply_local_attention(phases="guidance")``) would recompute with a different
+    attention than the forward saved.
+    """
+    with attention_phase(phase):
+        return layer(*args)
+
+
 def _run_blocks_manually(transformer, latents, timestep, encoder_hidden_states, block, use_checkpoint) -> None:
     """Wan2.1's forward preamble, blocks [0, block) (optionally checkpointed), then ``block`` (which stops)."""
     if timestep.ndim != 1:
@@ -41,9 +53,10 @@ def _run_blocks_manually(transformer, latents, timestep, encoder_hidden_states, 
     hidden = transformer.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
     _, timestep_proj, text, _ = transformer.condition_embedder(timestep, encoder_hidden_states, None, timestep_seq_len=None)
     timestep_proj = timestep_proj.unflatten(1, (6, -1))
+    phase = current_phase()
     for layer in transformer.blocks[:block]:
         if use_checkpoint and torch.is_grad_enabled():
-            hidden = _checkpoint(layer, hidden, text, timestep_proj, rotary_emb, use_reentrant=False)
+            hidden = _checkpoint(_in_phase, phase, layer, hidden, text, timestep_proj, rotary_emb, use_reentrant=False)
         else:
             hidden = layer(hidden, text, timestep_proj, rotary_emb)
     transformer.blocks[block](hidden, text, timestep_proj, rotary_emb)

@@ -23,10 +23,14 @@ GRAD_DTYPES = (torch.float32, torch.bfloat16)
 @triton.jit
 def _adamw_kernel(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, numel,
-    decay, beta1, beta2, step_size, inv_bias_correction2_sqrt, eps,
+    decay, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, inv_bias_correction2_sqrt, eps,
     BLOCK: tl.constexpr,
 ):
-    """In place over BLOCK elements: decoupled decay, moment updates, bias-corrected step (fp32 math)."""
+    """In place over BLOCK elements: decoupled decay, moment updates, bias-corrected step (fp32 math).
+
+    ``1 - beta`` arrives precomputed in float64 on the host: in fp32 on the device, 1 - fp32(0.999) is off by
+    1.3e-5 relative (cancellation), which the second moment would inherit.
+    """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     param = tl.load(param_ptr + offs, mask=mask, other=0.0)
@@ -34,9 +38,9 @@ def _adamw_kernel(
     exp_avg = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
     param = param * decay
-    exp_avg = exp_avg + (grad - exp_avg) * (1.0 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1.0 - beta2)
-    denom = tl.sqrt(exp_avg_sq) * inv_bias_correction2_sqrt + eps
+    exp_avg = exp_avg + (grad - exp_avg) * one_minus_beta1
+    exp_avg_sq = exp_avg_sq * beta2 + grad * grad * one_minus_beta2
+    denom = tl.sqrt_rn(exp_avg_sq) * inv_bias_correction2_sqrt + eps  # IEEE sqrt, as torch
     param = param - step_size * exp_avg / denom
     tl.store(param_ptr + offs, param, mask=mask)
     tl.store(exp_avg_ptr + offs, exp_avg, mask=mask)
@@ -117,7 +121,7 @@ def fused_adamw_step(
         return
     _adamw_kernel[(triton.cdiv(numel, BLOCK_SIZE),)](
         param, grad, exp_avg, exp_avg_sq, numel,
-        decay, beta1, beta2, step_size, 1.0 / bias_correction2_sqrt, eps,
+        decay, beta1, beta2, 1.0 - beta1, 1.0 - beta2, step_size, 1.0 / bias_correction2_sqrt, eps,
         BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
     )
 

@@ -94,6 +94,35 @@ def test_truncated_pass_runs_no_later_block_and_checkpoint_route_matches(transfo
     assert_rel_close(gq2, gq, 1e-4, "grad (checkpointed route)")
 
 
+def test_checkpointed_guidance_pass_recomputes_in_its_phase_from_another_thread(transformer):
+    """On CUDA, backward (and so checkpoint recomputation) runs in autograd's device thread, where the thread-local
+    phase marker is unset; a guidance-only local processor must still be recomputed in the guidance phase. Running
+    backward from a fresh thread reproduces that on CPU (it raised CheckpointError before the fix)."""
+    import threading
+
+    apply_local_attention(transformer, tile=(1, 2, 2), window=(1, 1, 1), phases="guidance", backend="torch")
+    x, t, text = _inputs()
+    grads = {}
+    for route in (False, True):
+        leaf = x.clone().requires_grad_(True)
+        with attention_phase("guidance"):
+            q, k = truncated_qk(transformer, leaf, t, text, 2, gradient_checkpointing=route)
+        loss = (q * k).sum()
+        errors = []
+
+        def backward():
+            try:
+                grads[route] = torch.autograd.grad(loss, leaf)[0]
+            except Exception as exc:  # surfaced in the main thread below
+                errors.append(exc)
+
+        worker = threading.Thread(target=backward)
+        worker.start()
+        worker.join()
+        assert not errors, f"backward (checkpointed={route}) from another thread failed: {str(errors[0])[:300]}"
+    assert_rel_close(grads[True], grads[False], 1e-4, "checkpointed vs plain guidance gradient")
+
+
 def test_full_window_local_processor_equals_dense(transformer):
     x, t, text = _inputs()
     with torch.no_grad():

@@ -219,7 +219,7 @@ def _fine_bwd_kernel(
             ds = (p * dpos * ds_scale).to(kb.dtype)  # (BLOCK_N keys, BLOCK_Q queries)
             dqt += tl.dot(tl.trans(kb), ds, input_precision=DOT_PRECISION)
             dkb = tl.dot(ds, tl.trans(qt), input_precision=DOT_PRECISION)
-            tl.atomic_add(dk_ptr + k_offs, dkb, mask=k_ok[:, None])
+            tl.atomic_add(dk_ptr + k_offs, dkb, mask=k_ok[:, None], sem="relaxed")
 
     dq_ptrs = dq_ptr + q_base + q_tok64[None, :] * stride_qs + offs_d[:, None]
     tl.store(dq_ptrs, dqt.to(dq_ptr.dtype.element_ty), mask=q_ok[None, :])
