@@ -3,6 +3,8 @@
 Providers (each one step = forward + backward of ``sum(flow * g)`` w.r.t. q and k):
 
 - ``fused``: ``fastvmt_kernels.motion_flow`` with the Triton backend (FastVMT pairs: span 4, 78 pairs at F = 21).
+- ``fused_fwd{a}x{b}_bwd{c}x{d}`` (ablations, GPU): the same op with a x b tiles per forward fine-pass program and
+  c x d per backward program instead of the defaults (``FWD_TILE_GROUP``, ``BWD_TILE_GROUP``); 1x1 = one tile each.
 - ``dense_global``: DiTFlow's global AMF over all F*F ordered pairs, one einsum, full (F, F, S, S) softmax, autograd.
 - ``dense_gather_local``: the official FastVMT code's structure: a Python loop over the span pairs; self pairs are
   full S x S soft-argmaxes; for i < j the coarse pass uses each tile's centre query, then the l*l window keys of
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from typing import Callable, Dict, List
 
@@ -63,11 +66,15 @@ ROUNDS = {"gpu": 10, "cpu": 3, "cpu_wan": 1, "dry": 1}[MODE]
 BASELINE = "chunked_reference" if MODE.startswith("cpu") else "fused"  # denominator of the ratios
 FASTVMT_TEMPERATURE = 1.0
 DITFLOW_TEMPERATURE = 2.0
+# Ablations of the fused op: tiles per program of the forward / backward fine pass (the defaults are
+# FWD_TILE_GROUP / BWD_TILE_GROUP in fastvmt_kernels/motion_flow/kernels.py); fwd1x1_bwd1x1 is one tile per program.
+ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd2x2_bwd1x1", "fused_fwd1x1_bwd2x2", "fused_fwd2x1_bwd2x1",
+             "fused_fwd1x2_bwd1x2")
 PROVIDERS = {
-    "gpu": ("fused", "dense_global", "dense_gather_local"),
+    "gpu": ("fused", *ABLATIONS, "dense_global", "dense_gather_local"),
     "cpu": ("chunked_reference", "dense_global", "dense_gather_local"),
     "cpu_wan": ("chunked_reference", "dense_gather_local"),
-    "dry": ("fused", "chunked_reference", "dense_global", "dense_gather_local"),
+    "dry": ("fused", ABLATIONS[0], "chunked_reference", "dense_global", "dense_gather_local"),
 }[MODE]
 FP32, KEY_BYTES, INDEX_BYTES = 4, 2, 8
 SANITY_REL_TOL = 2e-2  # fused vs the fp32 reference on the same windows (bf16 inputs on GPU)  # fp32 maps, bf16 q/k (Wan), int64 window origins
@@ -126,7 +133,7 @@ def make_step(provider: str, q: torch.Tensor, k: torch.Tensor, geo: FlowGeometry
     elif provider == "dense_gather_local":
         flow_fn = lambda: dense_gather_local_amf(q, k, geo, span, FASTVMT_TEMPERATURE)  # noqa: E731
     else:
-        backend = "triton" if provider == "fused" else "torch"
+        backend = "triton" if provider.startswith("fused") else "torch"
         kwargs = dict(tile=geo.tile, window=geo.window, span=span, temperature=FASTVMT_TEMPERATURE, backend=backend)
         flow_fn = lambda: motion_flow(q, k, geo.frame, **kwargs)[0]  # noqa: E731
     with torch.no_grad():
@@ -214,11 +221,17 @@ def write_results_at_end():
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_motion_flow(benchmark, provider):
+def test_motion_flow(benchmark, provider, monkeypatch):
+    if provider.startswith("fused_"):  # ablation: fused_fwd{a}x{b}_bwd{c}x{d} tiles per fine-pass program
+        from fastvmt_kernels.motion_flow import op as flow_op
+
+        fwd, bwd = re.fullmatch(r"fused_fwd(\d+x\d+)_bwd(\d+x\d+)", provider).groups()
+        monkeypatch.setattr(flow_op, "FWD_TILE_GROUP", tuple(int(v) for v in fwd.split("x")))
+        monkeypatch.setattr(flow_op, "BWD_TILE_GROUP", tuple(int(v) for v in bwd.split("x")))
     geo = _geometry(SHAPE)
     b, f, d = SHAPE["batch"], SHAPE["frames"], SHAPE["dim"]
     q, k = (torch.randn(b, f, geo.num_tokens, d, device=DEVICE).to(DTYPE).requires_grad_() for _ in range(2))
-    if provider == "fused":
+    if provider.startswith("fused"):
         check_fused_against_reference(q, k, geo, SHAPE["span"])
     step = make_step(provider, q, k, geo, SHAPE["span"])
     step()  # compile / warm up outside the timing
@@ -240,7 +253,7 @@ def _write(rows: List[Dict[str, object]]) -> None:
         if base is not None:
             row["time_ratio"] = row["ms"] / base["ms"]
             row["memory_ratio"] = row["peak_MiB"] / max(base["peak_MiB"], 1e-9)
-        analytic = ANALYTIC.get(row["provider"])
+        analytic = ANALYTIC.get("fused" if row["provider"].startswith("fused_") else row["provider"])
         if analytic is not None:
             row["analytic_MiB_this_shape"] = analytic(SHAPE, torch.finfo(DTYPE).bits // 8) / 2**20
     extra = []

@@ -246,6 +246,49 @@ def test_reference_chunking_does_not_change_result():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("fwd_group, bwd_group", [((1, 1), (1, 1)), ((2, 2), (2, 2)), ((3, 2), (1, 2)), ((4, 9), (4, 9))])
+def test_tile_groups_match_reference_with_scattered_windows(device, monkeypatch, fwd_group, bwd_group):
+    """The fine passes stream the bounding box of a group of tiles' windows and mask each query to its own window:
+    with random (scattered) legal origins, ragged tile groups and a non-square window, flow, dq and dk must equal
+    the reference's for every group shape (1 x 1 is one tile per program; 4 x 9 exceeds the 3 x 3 tile grid, so
+    many key blocks hold no key of some queries' windows)."""
+    monkeypatch.setattr(flow_op, "FWD_TILE_GROUP", fwd_group)
+    monkeypatch.setattr(flow_op, "BWD_TILE_GROUP", bwd_group)
+    group = (fwd_group, bwd_group)
+    frame, tile, window, span = (7, 8), (3, 3), (3, 4), 3
+    geo = FlowGeometry.create(frame, tile, window)
+    q, k = _inputs((2, 4, 56, 32), torch.float32, device, scale=1.5)
+    pairs = make_pairs(4, span)
+    limit = torch.tensor(geo.max_origin)
+    origins = (torch.rand(2, pairs.shape[0], geo.num_tiles, 2) * (limit + 1)).long().to(device)
+    grad = torch.randn(2, pairs.shape[0], 56, 2, device=device)
+    kwargs = dict(tile=tile, window=window, span=span, windows=origins)
+    tri = _flow_and_grads(lambda a, b: motion_flow(a, b, frame, backend="triton", **kwargs)[0], q, k, grad)
+    ref = _flow_and_grads(lambda a, b: motion_flow(a, b, frame, backend="torch", **kwargs)[0], q, k, grad)
+    for label, got, want in zip(("flow", "dq", "dk"), tri, ref):
+        assert_rel_close(got, want, 1e-5, f"group {group} {label}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA property")
+def test_fused_step_never_synchronises_the_host(device):
+    """A forward + backward of the Triton path queues its kernels without waiting for the GPU (no .item(), no
+    bincount, no pageable host-to-device copy): the host then overlaps the GPU instead of adding to it."""
+    if device.type != "cuda":
+        pytest.skip("runs with FASTVMT_GPU_TESTS=1")
+    q, k = _inputs((1, 5, 30 * 52, 128), torch.bfloat16, device)
+    kwargs = dict(tile=(3, 4), window=21, span=4, backend="triton")
+    flow, _ = motion_flow(q, k, (30, 52), **kwargs)  # compiles, fills the pair cache
+    grad = torch.randn_like(flow)
+    torch.autograd.grad((flow * grad).sum(), (q, k))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        flow, _ = motion_flow(q, k, (30, 52), **kwargs)
+        torch.autograd.grad(flow, (q, k), grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_launchers_overwrite_poisoned_buffers(device):
     frame, geo = (5, 7), FlowGeometry.create((5, 7), (2, 3), 3)
     q, k = [t.detach().contiguous() for t in _inputs((1, 3, 35, 16), torch.float32, device)]

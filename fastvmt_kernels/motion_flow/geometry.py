@@ -10,7 +10,7 @@ leaves the frame and always holds ``l_y * l_x`` distinct keys).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import torch
 
@@ -34,10 +34,23 @@ def _as_positive_pair(value: Union[int, Sequence[int]], name: str, allow_int: bo
     return items  # type: ignore[return-value]
 
 
+# Device copies of the pair table per (num_frames, span, device): building it on the host and copying it to a GPU
+# every call would be a blocking host-to-device copy (a stream synchronisation) in every motion-flow step.
+_PAIRS_ON_DEVICE: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
+
+
 def make_pairs(num_frames: int, span: int, device: Union[torch.device, str, None] = None) -> torch.Tensor:
-    """(P, 2) int64 frame pairs (i, j), 0 <= i < F, i <= j < min(F, i + span), ordered by i then j."""
-    rows = [(i, j) for i in range(num_frames) for j in range(i, min(num_frames, i + span))]
-    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 2)
+    """(P, 2) int64 frame pairs (i, j), 0 <= i < F, i <= j < min(F, i + span), ordered by i then j.
+
+    Returns a fresh tensor each call (a device-side copy of a cached table: no host synchronisation on CUDA).
+    """
+    key = (int(num_frames), int(span), torch.device(device if device is not None else "cpu"))
+    table = _PAIRS_ON_DEVICE.get(key)
+    if table is None:
+        rows = [(i, j) for i in range(num_frames) for j in range(i, min(num_frames, i + span))]
+        table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2).to(key[2])
+        _PAIRS_ON_DEVICE[key] = table
+    return table.clone()
 
 
 @dataclass(frozen=True)

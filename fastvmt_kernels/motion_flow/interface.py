@@ -55,10 +55,11 @@ def _validate_windows(windows, q, geo: FlowGeometry, span: int, head_reduce: str
         raise ValueError(f"windows must be {layout} = {expected} for these q, span and tile, got {tuple(windows.shape)}")
     if windows.device != q.device:
         raise ValueError(f"windows must be on q's device {q.device}, got {windows.device}")
-    limit = torch.tensor(geo.max_origin, device=q.device)
-    if bool((windows < 0).any()) or bool((windows > limit).any()):
+    max_y, max_x = geo.max_origin
+    outside = (windows < 0).any() | (windows[..., 0] > max_y).any() | (windows[..., 1] > max_x).any()
+    if bool(outside):  # one device-to-host read per call
         raise ValueError(
-            f"window origins must lie in [0, {tuple(limit.tolist())}] (frame {geo.frame} minus window sides "
+            f"window origins must lie in [0, {geo.max_origin}] (frame {geo.frame} minus window sides "
             f"{geo.window_sides}), got values in [{int(windows.min())}, {int(windows.max())}]"
         )
 

@@ -5,19 +5,22 @@ log2(e)`` folded into one multiplier), so no logits row is ever stored:
 
 - ``_coarse_kernel``: program = (block of BLOCK_M tile-mean queries, pair, batch). Streams all S keys of frame j in
   BLOCK_N blocks keeping a running max, sum and (y, x)-weighted sums, then writes each tile's window origin.
-- ``_fine_fwd_kernel``: program = (tile, pair, batch). Streams the l_y*l_x window keys in BLOCK_N blocks; the
-  score block is computed transposed, keys x queries (``k . q^T``), so the MMA's M dimension is the BLOCK_N = 64
-  keys (Hopper wgmma needs M = 64) even though a tile has only th*tw (12) queries. Writes the flow and the base-2
-  log-sum-exp per query (saved for backward).
-- ``_fine_bwd_kernel``: program = (tile, frame i, batch); loops over the pairs of frame i and their window blocks,
-  recomputing P from the saved log-sum-exp: ``dS = P * ((pos - E[pos]) . g) * temperature / sqrt(D)``,
-  ``dq^T += k^T . dS`` (registers, written once: deterministic) and ``dk = dS . q`` added to an fp32 buffer with
-  atomics (windows of different tiles and pairs overlap; the order of fp32 additions is not fixed, so dk is
-  reproducible only to fp32 rounding, ~1e-7 relative).
+- ``_fine_fwd_kernel``: program = (group of FWD_TILE_GROUP tiles, pair, batch). The windows of adjacent tiles
+  overlap almost entirely (motion is small and smooth), so the program streams the bounding box of its tiles'
+  windows once, in BLOCK_N blocks, and masks every query to its own tile's window. The score block is computed
+  transposed, keys x queries (``k . q^T``), so the MMA's M dimension is the BLOCK_N = 64 keys (Hopper wgmma needs
+  M = 64). Writes the flow and the base-2 log-sum-exp per query (saved for backward).
+- ``_fine_bwd_kernel``: program = (group of BWD_TILE_GROUP tiles, frame i, batch); loops over the pairs of frame i
+  and the blocks of the group's window box, recomputing P from the saved log-sum-exp:
+  ``dS = P * ((pos - E[pos]) . g) * temperature / sqrt(D)``, ``dq^T += k^T . dS`` (registers, written once:
+  deterministic) and ``dk = dS . q`` added to an fp32 buffer with relaxed atomics (windows of different groups and
+  pairs overlap; the order of fp32 additions is not fixed, so dk is reproducible only to fp32 rounding, ~1e-7
+  relative). Grouping cuts the key loads and dk atomics about 3x against one program per tile (2 x 2 groups of
+  3 x 4 tiles, window 21: a ~24 x 25 box instead of four 21 x 21 windows). The atomics are ``sem="relaxed"``: the
+  default acq_rel ordering puts a GPU-wide memory barrier beside every vector atomic in SASS.
 
-There is no P.V product: the expectation is over 2 coordinates, so exp throughput, not the tensor cores, bounds
-these kernels (kernel-anchors.md); the transposed layout keeps the 64 x 16 score block per step small and the
-exp count minimal (one exp2 per (query, key) in forward and one in backward).
+There is no P.V product: the expectation is over 2 coordinates, so exp throughput and memory latency, not the
+tensor cores, bound these kernels (kernel-anchors.md).
 
 bf16 loads are upcast before any elementwise math (the interpreter's bf16 arithmetic is wrong); tl.dot takes the
 input dtype (fp32 uses IEEE precision, not TF32).
@@ -36,6 +39,18 @@ FINE_BLOCK_N = 64
 MIN_BLOCK_Q = 16
 NUM_WARPS = 4
 NUM_STAGES = 2
+# Backward: tiles per program (y, x). A 2 x 2 group of Wan's 3 x 4 tiles is 48 queries (64 slots) whose four windows
+# share most keys: about 3x fewer key loads and dk atomics than one program per tile. (1, 1) is one tile per program.
+BWD_TILE_GROUP = (2, 2)
+FWD_TILE_GROUP = (2, 2)  # forward: tiles per program, the same bounding-box scheme (fewer, fuller programs)
+MAX_FLOOR = tl.constexpr(-1.0e30)  # finite start of the online max: a block with no key of a query's window changes nothing
+WIDE_BLOCK_Q = 64  # fine-pass programs with at least this many query slots run WIDE_NUM_WARPS warps
+WIDE_NUM_WARPS = 8
+
+
+def fine_num_warps(block_q: int) -> int:
+    """Warps of a fine-pass program with ``block_q`` query slots (wide groups need 8 to stay off local memory)."""
+    return WIDE_NUM_WARPS if block_q >= WIDE_BLOCK_Q else NUM_WARPS
 
 
 @triton.jit
@@ -94,16 +109,6 @@ def _coarse_kernel(
 
 
 @triton.jit
-def _tile_queries(tile, n_tiles_x, frame_h, frame_w, tile_h, tile_w, BLOCK_Q: tl.constexpr):
-    """(slot y, slot x, raster token, valid) of the BLOCK_Q query slots of ``tile`` (ragged edges masked)."""
-    offs_q = tl.arange(0, BLOCK_Q)
-    qy = (tile // n_tiles_x) * tile_h + offs_q // tile_w
-    qx = (tile % n_tiles_x) * tile_w + offs_q % tile_w
-    valid = (offs_q < tile_h * tile_w) & (qy < frame_h) & (qx < frame_w)
-    return qy, qx, qy * frame_w + qx, valid
-
-
-@triton.jit
 def _window_keys(start, oy, ox, win_w, n_win, frame_w, BLOCK_N: tl.constexpr):
     """(key y, key x, raster token, valid) of window positions [start, start + BLOCK_N)."""
     offs_w = start + tl.arange(0, BLOCK_N)
@@ -113,43 +118,85 @@ def _window_keys(start, oy, ox, win_w, n_win, frame_w, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _group_queries(group, n_groups_x, n_tiles_x, frame_h, frame_w, tile_h, tile_w,
+                   GROUP_Y: tl.constexpr, GROUP_X: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """(y, x, raster token, tile index, valid) of the BLOCK_Q query slots of a GROUP_Y x GROUP_X group of tiles.
+
+    Slots run in raster order over the group's (GROUP_Y * th) x (GROUP_X * tw) tokens; slots past that count or
+    outside a ragged frame edge are invalid. With a 1 x 1 group the slots are ``_tile_queries``'s.
+    """
+    offs_q = tl.arange(0, BLOCK_Q)
+    group_w = GROUP_X * tile_w
+    qy = (group // n_groups_x) * (GROUP_Y * tile_h) + offs_q // group_w
+    qx = (group % n_groups_x) * group_w + offs_q % group_w
+    valid = (offs_q < GROUP_Y * tile_h * group_w) & (qy < frame_h) & (qx < frame_w)
+    tile = (qy // tile_h) * n_tiles_x + qx // tile_w
+    return qy, qx, qy * frame_w + qx, tl.where(valid, tile, 0), valid
+
+
+@triton.jit
+def _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w):
+    """Each query slot's window origin (oy, ox) (its tile's) and the bounding box (y, x, width, keys) of the
+    group's windows; ``w_ptrs`` points at each slot's tile row of the (B, P, n_tiles, 2) origins."""
+    oy = tl.load(w_ptrs, mask=q_ok, other=0).to(tl.int32)
+    ox = tl.load(w_ptrs + 1, mask=q_ok, other=0).to(tl.int32)
+    box_y = tl.min(tl.where(q_ok, oy, frame_h), 0)
+    box_x = tl.min(tl.where(q_ok, ox, frame_w), 0)
+    box_w = tl.max(tl.where(q_ok, ox, 0), 0) + win_w - box_x
+    n_box = (tl.max(tl.where(q_ok, oy, 0), 0) + win_h - box_y) * box_w
+    return oy, ox, box_y, box_x, box_w, n_box
+
+
+@triton.jit
+def _in_own_window(ky, kx, k_ok, oy, ox, q_ok, win_h, win_w):
+    """(BLOCK_N keys, BLOCK_Q queries) mask: the key is valid and inside the query's own window."""
+    inside = (ky[:, None] >= oy[None, :]) & (ky[:, None] < oy[None, :] + win_h)
+    inside &= (kx[:, None] >= ox[None, :]) & (kx[:, None] < ox[None, :] + win_w)
+    return inside & k_ok[:, None] & q_ok[None, :]
+
+
+@triton.jit
 def _fine_fwd_kernel(
     q_ptr, k_ptr, pair_i_ptr, pair_j_ptr, win_ptr, flow_ptr, lse_ptr,
     stride_qb, stride_qf, stride_qs,
     stride_wb, stride_wp, stride_wn,
     stride_fb, stride_fp, stride_fs,
     stride_lb, stride_lp,
-    n_tiles_x, frame_h, frame_w, tile_h, tile_w, win_h, win_w, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    n_groups_x, n_tiles_x, frame_h, frame_w, tile_h, tile_w, win_h, win_w, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, GROUP_Y: tl.constexpr, GROUP_X: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Flow and base-2 log-sum-exp of one tile's queries for one (pair, batch).
+    """Flow and base-2 log-sum-exp of one group of tiles' queries for one (pair, batch).
 
+    Streams the bounding box of the group's windows; each query's online soft-argmax sees only its own tile's
+    window (other keys are masked to -inf; the running max starts at a finite floor so a block holding none of a
+    query's keys leaves its state unchanged).
     q, k: (B, F, S, D) (same strides); win: (B, P, n_tiles, 2) int64; flow: (B, P, S, 2) fp32; lse: (B, P, S) fp32.
     """
-    tile = tl.program_id(0)
+    group = tl.program_id(0)
     pair = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     fi = tl.load(pair_i_ptr + pair).to(tl.int64)
     fj = tl.load(pair_j_ptr + pair).to(tl.int64)
-    qy, qx, q_tok, q_ok = _tile_queries(tile, n_tiles_x, frame_h, frame_w, tile_h, tile_w, BLOCK_Q)
+    qy, qx, q_tok, q_tile, q_ok = _group_queries(
+        group, n_groups_x, n_tiles_x, frame_h, frame_w, tile_h, tile_w, GROUP_Y, GROUP_X, BLOCK_Q
+    )
     offs_d = tl.arange(0, HEAD_DIM)
     q_base = q_ptr + b * stride_qb + fi * stride_qf
     qt = tl.load(q_base + q_tok[None, :].to(tl.int64) * stride_qs + offs_d[:, None], mask=q_ok[None, :], other=0.0)
-    w_base = win_ptr + b * stride_wb + pair * stride_wp + tile.to(tl.int64) * stride_wn
-    oy = tl.load(w_base).to(tl.int32)
-    ox = tl.load(w_base + 1).to(tl.int32)
+    w_ptrs = win_ptr + b * stride_wb + pair * stride_wp + q_tile.to(tl.int64) * stride_wn
+    oy, ox, box_y, box_x, box_w, n_box = _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w)
     k_base = k_ptr + b * stride_qb + fj * stride_qf
-    n_win = win_h * win_w
 
-    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    m_i = tl.full([BLOCK_Q], MAX_FLOOR, tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     sum_y = tl.zeros([BLOCK_Q], tl.float32)
     sum_x = tl.zeros([BLOCK_Q], tl.float32)
-    for start in range(0, n_win, BLOCK_N):
-        ky, kx, k_tok, k_ok = _window_keys(start, oy, ox, win_w, n_win, frame_w, BLOCK_N)
+    for start in range(0, n_box, BLOCK_N):
+        ky, kx, k_tok, k_ok = _window_keys(start, box_y, box_x, box_w, n_box, frame_w, BLOCK_N)
         kb = tl.load(k_base + k_tok[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
         s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_N keys, BLOCK_Q queries)
-        s = tl.where(k_ok[:, None], s, float("-inf"))
+        s = tl.where(_in_own_window(ky, kx, k_ok, oy, ox, q_ok, win_h, win_w), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
@@ -158,10 +205,11 @@ def _fine_fwd_kernel(
         sum_x = sum_x * alpha + tl.sum(p * kx.to(tl.float32)[:, None], 0)
         m_i = m_new
 
+    l_safe = tl.where(q_ok, l_i, 1.0)
     f_ptrs = flow_ptr + b * stride_fb + pair * stride_fp + q_tok.to(tl.int64) * stride_fs
-    tl.store(f_ptrs, sum_y / l_i - qy.to(tl.float32), mask=q_ok)
-    tl.store(f_ptrs + 1, sum_x / l_i - qx.to(tl.float32), mask=q_ok)
-    tl.store(lse_ptr + b * stride_lb + pair * stride_lp + q_tok.to(tl.int64), m_i + tl.log2(l_i), mask=q_ok)
+    tl.store(f_ptrs, sum_y / l_safe - qy.to(tl.float32), mask=q_ok)
+    tl.store(f_ptrs + 1, sum_x / l_safe - qx.to(tl.float32), mask=q_ok)
+    tl.store(lse_ptr + b * stride_lb + pair * stride_lp + q_tok.to(tl.int64), m_i + tl.log2(l_safe), mask=q_ok)
 
 
 @triton.jit
@@ -172,33 +220,37 @@ def _fine_bwd_kernel(
     stride_fb, stride_fp, stride_fs,
     stride_lb, stride_lp,
     stride_gb, stride_gp, stride_gs,
-    n_tiles_x, frame_h, frame_w, tile_h, tile_w, win_h, win_w, qk_scale_log2, ds_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    n_groups_x, n_tiles_x, frame_h, frame_w, tile_h, tile_w, win_h, win_w, qk_scale_log2, ds_scale,
+    HEAD_DIM: tl.constexpr, GROUP_Y: tl.constexpr, GROUP_X: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dq of one tile of frame i (all pairs of i, written once) and its atomic dk contributions, one batch.
+    """dq of one group of tiles of frame i (all pairs of i, written once) and its atomic dk contributions.
 
+    Per pair, the program streams the bounding box of its tiles' windows (adjacent tiles' windows mostly overlap)
+    and masks each query to its own tile's window, so a key shared by several windows of the group is loaded and
+    added into dk once per pair instead of once per tile.
     q, k, dq: (B, F, S, D) same strides; dk: (B, F, S, D) fp32 accumulator, same strides; dflow: (B, P, S, 2) fp32.
     """
-    tile = tl.program_id(0)
+    group = tl.program_id(0)
     fi = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    qy, qx, q_tok, q_ok = _tile_queries(tile, n_tiles_x, frame_h, frame_w, tile_h, tile_w, BLOCK_Q)
+    qy, qx, q_tok, q_tile, q_ok = _group_queries(
+        group, n_groups_x, n_tiles_x, frame_h, frame_w, tile_h, tile_w, GROUP_Y, GROUP_X, BLOCK_Q
+    )
     q_tok64 = q_tok.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     q_base = b * stride_qb + fi * stride_qf
     qt = tl.load(q_ptr + q_base + q_tok64[None, :] * stride_qs + offs_d[:, None], mask=q_ok[None, :], other=0.0)
     qy_f = qy.to(tl.float32)
     qx_f = qx.to(tl.float32)
-    n_win = win_h * win_w
     dqt = tl.zeros([HEAD_DIM, BLOCK_Q], tl.float32)
     pair_lo = tl.load(pair_off_ptr + fi).to(tl.int64)
     num_pairs = tl.load(pair_off_ptr + fi + 1) - tl.load(pair_off_ptr + fi)
     for step in range(0, num_pairs):
         pair64 = pair_lo + step
         fj = tl.load(pair_j_ptr + pair64).to(tl.int64)
-        w_base = win_ptr + b * stride_wb + pair64 * stride_wp + tile.to(tl.int64) * stride_wn
-        oy = tl.load(w_base).to(tl.int32)
-        ox = tl.load(w_base + 1).to(tl.int32)
+        w_ptrs = win_ptr + b * stride_wb + pair64 * stride_wp + q_tile.to(tl.int64) * stride_wn
+        oy, ox, box_y, box_x, box_w, n_box = _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w)
         f_off = b * stride_fb + pair64 * stride_fp + q_tok64 * stride_fs
         g_off = b * stride_gb + pair64 * stride_gp + q_tok64 * stride_gs
         exp_y = tl.load(flow_ptr + f_off, mask=q_ok, other=0.0) + qy_f
@@ -207,13 +259,13 @@ def _fine_bwd_kernel(
         g_x = tl.load(dflow_ptr + g_off + 1, mask=q_ok, other=0.0)
         lse = tl.load(lse_ptr + b * stride_lb + pair64 * stride_lp + q_tok64, mask=q_ok, other=0.0)
         k_base = b * stride_qb + fj * stride_qf
-        for start in range(0, n_win, BLOCK_N):
-            ky, kx, k_tok, k_ok = _window_keys(start, oy, ox, win_w, n_win, frame_w, BLOCK_N)
+        for start in range(0, n_box, BLOCK_N):
+            ky, kx, k_tok, k_ok = _window_keys(start, box_y, box_x, box_w, n_box, frame_w, BLOCK_N)
             k_offs = k_base + k_tok[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
             kb = tl.load(k_ptr + k_offs, mask=k_ok[:, None], other=0.0)
             s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2
-            p = tl.exp2(s - lse[None, :])
-            p = tl.where(k_ok[:, None] & q_ok[None, :], p, 0.0)
+            inside = _in_own_window(ky, kx, k_ok, oy, ox, q_ok, win_h, win_w)
+            p = tl.where(inside, tl.exp2(s - lse[None, :]), 0.0)
             dpos = (ky.to(tl.float32)[:, None] - exp_y[None, :]) * g_y[None, :]
             dpos += (kx.to(tl.float32)[:, None] - exp_x[None, :]) * g_x[None, :]
             ds = (p * dpos * ds_scale).to(kb.dtype)  # (BLOCK_N keys, BLOCK_Q queries)
@@ -251,16 +303,22 @@ def inspect_specs():
         _fine_fwd_kernel,
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "pair_i_ptr": "*i32", "pair_j_ptr": "*i32", "win_ptr": "*i64",
          "flow_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale_log2": "fp32", "HEAD_DIM": "constexpr",
-         "BLOCK_Q": "constexpr", "BLOCK_N": "constexpr", "DOT_PRECISION": "constexpr"},
+         "BLOCK_Q": "constexpr", "BLOCK_N": "constexpr", "DOT_PRECISION": "constexpr", "GROUP_Y": "constexpr",
+         "GROUP_X": "constexpr"},
     )
     bwd = sig(
         _fine_bwd_kernel,
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "pair_j_ptr": "*i32", "pair_off_ptr": "*i32", "win_ptr": "*i64",
          "flow_ptr": "*fp32", "lse_ptr": "*fp32", "dflow_ptr": "*fp32", "dq_ptr": "*bf16", "dk_ptr": "*fp32",
          "qk_scale_log2": "fp32", "ds_scale": "fp32", "HEAD_DIM": "constexpr", "BLOCK_Q": "constexpr",
-         "BLOCK_N": "constexpr", "DOT_PRECISION": "constexpr"},
+         "BLOCK_N": "constexpr", "DOT_PRECISION": "constexpr", "GROUP_Y": "constexpr", "GROUP_X": "constexpr"},
     )
     fine_constexprs = {"HEAD_DIM": _INSPECT_DIM, "BLOCK_Q": block_q, "BLOCK_N": FINE_BLOCK_N, "DOT_PRECISION": "tf32"}
+    slots = lambda group: max(MIN_BLOCK_Q, triton.next_power_of_2(group[0] * group[1] * _INSPECT_TILE_SLOTS))  # noqa: E731
+    bwd_block_q = slots(BWD_TILE_GROUP)
+    bwd_constexprs = dict(fine_constexprs, BLOCK_Q=bwd_block_q, GROUP_Y=BWD_TILE_GROUP[0], GROUP_X=BWD_TILE_GROUP[1])
+    fwd_block_q = slots(FWD_TILE_GROUP)
+    fwd_constexprs = dict(fine_constexprs, BLOCK_Q=fwd_block_q, GROUP_Y=FWD_TILE_GROUP[0], GROUP_X=FWD_TILE_GROUP[1])
     ptr_names = lambda s: [n for n, t in s.items() if t.startswith("*")]  # noqa: E731
     return [
         KernelSpec(
@@ -274,21 +332,21 @@ def inspect_specs():
             num_stages=NUM_STAGES,
         ),
         KernelSpec(
-            "motion_flow_fine_fwd bf16 d128 tile3x4",
+            f"motion_flow_fine_fwd bf16 d128 tile3x4 group{FWD_TILE_GROUP[0]}x{FWD_TILE_GROUP[1]}",
             _fine_fwd_kernel,
             fwd,
-            dict(fine_constexprs),
+            fwd_constexprs,
             divisible=ptr_names(fwd) + ["stride_qb", "stride_qf", "stride_qs"],
-            num_warps=NUM_WARPS,
+            num_warps=fine_num_warps(fwd_block_q),
             num_stages=NUM_STAGES,
         ),
         KernelSpec(
-            "motion_flow_fine_bwd bf16 d128 tile3x4",
+            f"motion_flow_fine_bwd bf16 d128 tile3x4 group{BWD_TILE_GROUP[0]}x{BWD_TILE_GROUP[1]}",
             _fine_bwd_kernel,
             bwd,
-            dict(fine_constexprs),
+            bwd_constexprs,
             divisible=ptr_names(bwd) + ["stride_qb", "stride_qf", "stride_qs"],
-            num_warps=NUM_WARPS,
+            num_warps=fine_num_warps(bwd_block_q),
             num_stages=NUM_STAGES,
         ),
     ]

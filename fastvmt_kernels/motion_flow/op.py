@@ -19,12 +19,15 @@ from .kernels import (
     COARSE_BLOCK_N,
     FINE_BLOCK_N,
     LOG2E,
+    BWD_TILE_GROUP,
+    FWD_TILE_GROUP,
     MIN_BLOCK_Q,
     NUM_STAGES,
     NUM_WARPS,
     _coarse_kernel,
     _fine_bwd_kernel,
     _fine_fwd_kernel,
+    fine_num_warps,
 )
 
 Tensor = torch.Tensor
@@ -35,8 +38,17 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _block_q(geo: FlowGeometry) -> int:
-    return max(MIN_BLOCK_Q, triton.next_power_of_2(geo.tile[0] * geo.tile[1]))
+def _block_q(geo: FlowGeometry, group: Tuple[int, int] = (1, 1)) -> int:
+    """Query slots per program: the tokens of ``group`` tiles, as a power of two >= MIN_BLOCK_Q."""
+    return max(MIN_BLOCK_Q, triton.next_power_of_2(group[0] * geo.tile[0] * group[1] * geo.tile[1]))
+
+
+def _tile_groups(geo: FlowGeometry, group: Tuple[int, int]) -> Tuple[Tuple[int, int], int, int, int]:
+    """(group shrunk to the tile grid, query slots per program, groups per tile-grid row, groups per frame)."""
+    (ny, nx) = geo.tile_grid
+    group = (min(group[0], ny), min(group[1], nx))
+    n_groups_x = -(-nx // group[1])
+    return group, _block_q(geo, group), n_groups_x, -(-ny // group[0]) * n_groups_x
 
 
 def tile_mean_queries(q: Tensor, geo: FlowGeometry) -> Tensor:
@@ -59,11 +71,16 @@ def tile_mean_queries(q: Tensor, geo: FlowGeometry) -> Tensor:
 
 
 def pair_tables(pairs: Tensor, num_frames: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """int32 (pair_i, pair_j, pair_offsets): pairs of frame i are rows pair_offsets[i] .. pair_offsets[i + 1] - 1."""
-    counts = torch.bincount(pairs[:, 0], minlength=num_frames)
-    offsets = torch.zeros(num_frames + 1, dtype=torch.int32, device=pairs.device)
-    offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    return pairs[:, 0].to(torch.int32).contiguous(), pairs[:, 1].to(torch.int32).contiguous(), offsets
+    """int32 (pair_i, pair_j, pair_offsets): pairs of frame i are rows pair_offsets[i] .. pair_offsets[i + 1] - 1.
+
+    Device ops only (index_add_ and cumsum, not bincount, which reads its maximum back to the host): no
+    synchronisation, so the host keeps queueing kernels while the GPU works.
+    """
+    pair_i = pairs[:, 0].to(torch.int32).contiguous()
+    counts = torch.zeros(num_frames, dtype=torch.int32, device=pairs.device)
+    counts.index_add_(0, pairs[:, 0], torch.ones_like(pair_i))
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0, dtype=torch.int32)])
+    return pair_i, pairs[:, 1].to(torch.int32).contiguous(), offsets
 
 
 def launch_coarse(q: Tensor, k: Tensor, pairs: Tensor, geo: FlowGeometry, temperature: float, windows: Tensor) -> None:
@@ -95,17 +112,18 @@ def launch_fine_forward(
     """Fill ``flow`` (B, P, S, 2) fp32 and ``lse`` (B, P, S) fp32 (base 2). q, k: (B, F, S, D) contiguous."""
     b, f, _, dim = q.shape
     pair_i, pair_j, _ = pair_tables(pairs, f)
-    grid = (geo.num_tiles, pairs.shape[0], b)
+    group, block_q, n_groups_x, n_groups = _tile_groups(geo, FWD_TILE_GROUP)
+    grid = (n_groups, pairs.shape[0], b)
     _fine_fwd_kernel[grid](
         q, k, pair_i, pair_j, windows, flow, lse,
         q.stride(0), q.stride(1), q.stride(2),
         windows.stride(0), windows.stride(1), windows.stride(2),
         flow.stride(0), flow.stride(1), flow.stride(2),
         lse.stride(0), lse.stride(1),
-        geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], *geo.window_sides,
+        n_groups_x, geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], *geo.window_sides,
         temperature / math.sqrt(dim) * LOG2E,
-        HEAD_DIM=dim, BLOCK_Q=_block_q(geo), BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        HEAD_DIM=dim, GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=fine_num_warps(block_q), num_stages=NUM_STAGES,
     )
 
 
@@ -117,7 +135,8 @@ def launch_fine_backward(
     b, f, _, dim = q.shape
     _, pair_j, pair_off = pair_tables(pairs, f)
     grad_flow = grad_flow.float().contiguous()
-    grid = (geo.num_tiles, f, b)
+    group, block_q, n_groups_x, n_groups = _tile_groups(geo, BWD_TILE_GROUP)
+    grid = (n_groups, f, b)
     _fine_bwd_kernel[grid](
         q, k, pair_j, pair_off, windows, flow, lse, grad_flow, dq, dk_acc,
         q.stride(0), q.stride(1), q.stride(2),
@@ -125,10 +144,10 @@ def launch_fine_backward(
         flow.stride(0), flow.stride(1), flow.stride(2),
         lse.stride(0), lse.stride(1),
         grad_flow.stride(0), grad_flow.stride(1), grad_flow.stride(2),
-        geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], *geo.window_sides,
+        n_groups_x, geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], *geo.window_sides,
         temperature / math.sqrt(dim) * LOG2E, temperature / math.sqrt(dim),
-        HEAD_DIM=dim, BLOCK_Q=_block_q(geo), BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        HEAD_DIM=dim, GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=fine_num_warps(block_q), num_stages=NUM_STAGES,
     )
 
 
