@@ -15,8 +15,8 @@ log2(e)`` folded into one multiplier), so no logits row is ever stored:
   ``dS = P * ((pos - E[pos]) . g) * temperature / sqrt(D)``, ``dq^T += k^T . dS`` (registers, written once:
   deterministic) and ``dk = dS . q`` added to an fp32 buffer with relaxed atomics (windows of different groups and
   pairs overlap; the order of fp32 additions is not fixed, so dk is reproducible only to fp32 rounding, ~1e-7
-  relative). Grouping cuts the key loads and dk atomics about 3x against one program per tile (2 x 2 groups of
-  3 x 4 tiles, window 21: a ~24 x 25 box instead of four 21 x 21 windows). The atomics are ``sem="relaxed"``: the
+  relative). Grouping cuts the key loads and dk atomics against one program per tile (2 x 1 groups of 3 x 4
+  tiles, window 21: a ~24 x 21 box instead of two 21 x 21 windows). The atomics are ``sem="relaxed"``: the
   default acq_rel ordering puts a GPU-wide memory barrier beside every vector atomic in SASS.
 
 There is no P.V product: the expectation is over 2 coordinates, so exp throughput and memory latency, not the
@@ -39,10 +39,12 @@ FINE_BLOCK_N = 64
 MIN_BLOCK_Q = 16
 NUM_WARPS = 4
 NUM_STAGES = 2
-# Backward: tiles per program (y, x). A 2 x 2 group of Wan's 3 x 4 tiles is 48 queries (64 slots) whose four windows
-# share most keys: about 3x fewer key loads and dk atomics than one program per tile. (1, 1) is one tile per program.
-BWD_TILE_GROUP = (2, 2)
-FWD_TILE_GROUP = (2, 2)  # forward: tiles per program, the same bounding-box scheme (fewer, fuller programs)
+# Tiles per fine-pass program (y, x), forward and backward. Measured on an H100 at Wan2.1-1.3B shapes (3 x 4 tiles,
+# window 21; benchmarks/results/motion_flow_gpu.md, ablation rows): fwd + bwd step 2.11 ms with 2 x 1 groups
+# (24 queries, 32 slots, 4 warps), 2.22 ms with 1 x 2, 2.92 ms with one tile per program and 2.94 ms with 2 x 2
+# (64 slots, 8 warps). (1, 1) is one tile per program.
+BWD_TILE_GROUP = (2, 1)
+FWD_TILE_GROUP = (2, 1)
 MAX_FLOOR = tl.constexpr(-1.0e30)  # finite start of the online max: a block with no key of a query's window changes nothing
 WIDE_BLOCK_Q = 64  # fine-pass programs with at least this many query slots run WIDE_NUM_WARPS warps
 WIDE_NUM_WARPS = 8
