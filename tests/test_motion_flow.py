@@ -292,30 +292,31 @@ def test_fused_step_never_synchronises_the_host(device):
 def test_launchers_overwrite_poisoned_buffers(device):
     frame, geo = (5, 7), FlowGeometry.create((5, 7), (2, 3), 3)
     q, k = [t.detach().contiguous() for t in _inputs((1, 3, 35, 16), torch.float32, device)]
-    pairs = make_pairs(3, 2, device)
-    p, s, n = pairs.shape[0], 35, geo.num_tiles
+    table = flow_op.pair_table(3, 2, device)
+    assert torch.equal(table.pairs.cpu(), make_pairs(3, 2))
+    assert table.offsets.tolist() == [0, 2, 4, 5] and table.pair_j.tolist() == [0, 1, 1, 2, 2]
+    p, s, n = table.pairs.shape[0], 35, geo.num_tiles
     windows = torch.full((1, p, n, 2), -1, dtype=torch.int64, device=device)
     flow = torch.full((1, p, s, 2), float("nan"), device=device)
     lse = torch.full((1, p, s), float("nan"), device=device)
-    flow_op.launch_coarse(q, k, pairs, geo, 1.0, windows)
-    flow_op.launch_fine_forward(q, k, pairs, windows, geo, 1.0, flow, lse)
+    flow_op.launch_coarse(q, k, table, geo, 1.0, windows)
+    flow_op.launch_fine_forward(q, k, table, windows, geo, 1.0, flow, lse)
     ref_flow, _, ref_windows = motion_flow_reference(q, k, geo, 2, 1.0)
     assert torch.equal(windows, ref_windows)
     assert_rel_close(flow, ref_flow, 1e-5, "flow")
     assert torch.isfinite(lse).all()
     dq = torch.full_like(q, float("nan"))
     dk = torch.zeros_like(k)
-    flow_op.launch_fine_backward(torch.randn_like(flow), q, k, pairs, windows, flow, lse, geo, 1.0, dq, dk)
+    flow_op.launch_fine_backward(torch.randn_like(flow), q, k, table, windows, flow, lse, geo, 1.0, dq, dk)
     assert torch.isfinite(dq).all() and dq.abs().sum() > 0
 
 
 def test_custom_op_registration(device):
     q, k = _inputs((1, 2, 12, 16), torch.float32, device)
-    pairs = make_pairs(2, 2, device)
     for given in (None, torch.tensor([[[[0, 1]], [[1, 0]], [[0, 0]]]], device=device).expand(1, 3, 4, 2)):
         torch.library.opcheck(
             flow_op.motion_flow_fwd,
-            (q, k, pairs, given, 3, 4, 2, 2, 3, 3, 1.0),
+            (q, k, given, 2, 3, 4, 2, 2, 3, 3, 1.0),
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
         )
 

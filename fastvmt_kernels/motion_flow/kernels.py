@@ -3,8 +3,9 @@
 Three kernels, all with an online (streaming) soft-argmax in base 2 (``exp2`` with ``temperature / sqrt(D) *
 log2(e)`` folded into one multiplier), so no logits row is ever stored:
 
-- ``_coarse_kernel``: program = (block of BLOCK_M tile-mean queries, pair, batch). Streams all S keys of frame j in
-  BLOCK_N blocks keeping a running max, sum and (y, x)-weighted sums, then writes each tile's window origin.
+- ``_coarse_kernel``: program = (block of BLOCK_M tiles, pair, batch). Forms the tiles' mean queries, streams all S
+  keys of frame j in BLOCK_N blocks keeping a running max, sum and (y, x)-weighted sums, then writes each tile's
+  window origin.
 - ``_fine_fwd_kernel``: program = (group of FWD_TILE_GROUP tiles, pair, batch). The windows of adjacent tiles
   overlap almost entirely (motion is small and smooth), so the program streams the bounding box of its tiles'
   windows once, in BLOCK_N blocks, and masks every query to its own tile's window. The score block is computed
@@ -57,16 +58,18 @@ def fine_num_warps(block_q: int) -> int:
 
 @triton.jit
 def _coarse_kernel(
-    qrep_ptr, k_ptr, pair_i_ptr, pair_j_ptr, win_ptr,
-    stride_rb, stride_rf, stride_rn,
+    q_ptr, k_ptr, pair_i_ptr, pair_j_ptr, win_ptr,
+    stride_qb, stride_qf, stride_qs,
     stride_kb, stride_kf, stride_ks,
     stride_wb, stride_wp, stride_wn,
-    n_tiles, seq, frame_w, half_y, half_x, max_oy, max_ox, qk_scale_log2,
+    n_tiles, n_tiles_x, frame_h, frame_w, tile_h, tile_w, seq, half_y, half_x, max_oy, max_ox, qk_scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Window origins of BLOCK_M tiles for one (pair, batch): online soft-argmax over all keys of frame j.
 
-    qrep: (B, F, n_tiles, D) tile-mean queries in the input dtype; k: (B, F, S, D); win: (B, P, n_tiles, 2) int64.
+    Each tile's mean query is formed here (fp32 sum over its real tokens, ragged tiles included, rounded once to
+    the input dtype for the tensor-core dot), so no tile-mean tensor is built on the host side.
+    q, k: (B, F, S, D); win: (B, P, n_tiles, 2) int64.
     """
     pid_m = tl.program_id(0)
     pair = tl.program_id(1).to(tl.int64)
@@ -76,8 +79,19 @@ def _coarse_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < n_tiles
-    q_ptrs = qrep_ptr + b * stride_rb + fi * stride_rf + offs_m[:, None].to(tl.int64) * stride_rn + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    top = (offs_m // n_tiles_x) * tile_h
+    left = (offs_m % n_tiles_x) * tile_w
+    q_base = q_ptr + b * stride_qb + fi * stride_qf
+    q_sum = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    count = tl.zeros([BLOCK_M], tl.float32)
+    for slot in range(0, tile_h * tile_w):
+        y = top + slot // tile_w
+        x = left + slot % tile_w
+        ok = row_ok & (y < frame_h) & (x < frame_w)
+        rows = tl.where(ok, y * frame_w + x, 0).to(tl.int64)
+        q_sum += tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        count += ok.to(tl.float32)
+    q = (q_sum / tl.maximum(count, 1.0)[:, None]).to(q_ptr.dtype.element_ty)
     k_base = k_ptr + b * stride_kb + fj * stride_kf
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -297,7 +311,7 @@ def inspect_specs():
 
     coarse = sig(
         _coarse_kernel,
-        {"qrep_ptr": "*bf16", "k_ptr": "*bf16", "pair_i_ptr": "*i32", "pair_j_ptr": "*i32", "win_ptr": "*i64",
+        {"q_ptr": "*bf16", "k_ptr": "*bf16", "pair_i_ptr": "*i32", "pair_j_ptr": "*i32", "win_ptr": "*i64",
          "qk_scale_log2": "fp32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
          "DOT_PRECISION": "constexpr"},
     )
@@ -329,7 +343,7 @@ def inspect_specs():
             coarse,
             {"HEAD_DIM": _INSPECT_DIM, "BLOCK_M": COARSE_BLOCK_M, "BLOCK_N": COARSE_BLOCK_N, "DOT_PRECISION": "tf32"},
             divisible=ptr_names(coarse)
-            + ["stride_rb", "stride_rf", "stride_rn", "stride_kb", "stride_kf", "stride_ks"],
+            + ["stride_qb", "stride_qf", "stride_qs", "stride_kb", "stride_kf", "stride_ks"],
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
         ),

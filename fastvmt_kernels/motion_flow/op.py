@@ -8,7 +8,7 @@ The launchers take preallocated outputs so tests can poison them.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -51,54 +51,57 @@ def _tile_groups(geo: FlowGeometry, group: Tuple[int, int]) -> Tuple[Tuple[int, 
     return group, _block_q(geo, group), n_groups_x, -(-ny // group[0]) * n_groups_x
 
 
-def tile_mean_queries(q: Tensor, geo: FlowGeometry) -> Tensor:
-    """(B, F, n_tiles, D) mean query of every tile (ragged tiles average their real tokens), in q's dtype.
+class PairTable(NamedTuple):
+    """The frame pairs of one (num_frames, span) on one device, as the kernels read them.
 
-    The sum is accumulated in fp32 and the mean rounded once to q's dtype for the tensor-core dot of the coarse
-    pass. No fp32 copy of q is made; a zero-padded copy of q exists only when the frame is not a whole number of
-    tiles.
+    pairs: (P, 2) int64 (i, j); pair_i, pair_j: (P,) int32; offsets: (F + 1,) int32, the pairs of frame i are rows
+    offsets[i] .. offsets[i + 1] - 1 (pairs are ordered by i).
     """
-    b, f, _, d = q.shape
-    (hf, wf), (th, tw), (ny, nx) = geo.frame, geo.tile, geo.tile_grid
-    grid = q.reshape(b, f, hf, wf, d)
-    if (ny * th, nx * tw) != (hf, wf):
-        grid = torch.nn.functional.pad(grid, (0, 0, 0, nx * tw - wf, 0, ny * th - hf))
-    sums = grid.reshape(b, f, ny, th, nx, tw, d).sum(dim=(3, 5), dtype=torch.float32)  # (B, F, ny, nx, D)
-    rows = torch.clamp(hf - torch.arange(ny, device=q.device) * th, max=th)
-    cols = torch.clamp(wf - torch.arange(nx, device=q.device) * tw, max=tw)
-    counts = (rows[:, None] * cols[None, :]).to(torch.float32)[..., None]
-    return (sums / counts).to(q.dtype).reshape(b, f, ny * nx, d)
+
+    pairs: Tensor
+    pair_i: Tensor
+    pair_j: Tensor
+    offsets: Tensor
 
 
-def pair_tables(pairs: Tensor, num_frames: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """int32 (pair_i, pair_j, pair_offsets): pairs of frame i are rows pair_offsets[i] .. pair_offsets[i + 1] - 1.
+_PAIR_TABLES: Dict[Tuple[int, int, torch.device], PairTable] = {}
 
-    Device ops only (index_add_ and cumsum, not bincount, which reads its maximum back to the host): no
-    synchronisation, so the host keeps queueing kernels while the GPU works.
+
+def pair_table(num_frames: int, span: int, device) -> PairTable:
+    """The cached :class:`PairTable` of ``make_pairs(num_frames, span)`` on ``device``.
+
+    Built on the host and copied once per (num_frames, span, device): per call it costs no device work and no
+    host synchronisation. The tensors are shared: treat them as read-only.
     """
-    pair_i = pairs[:, 0].to(torch.int32).contiguous()
-    counts = torch.zeros(num_frames, dtype=torch.int32, device=pairs.device)
-    counts.index_add_(0, pairs[:, 0], torch.ones_like(pair_i))
-    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0, dtype=torch.int32)])
-    return pair_i, pairs[:, 1].to(torch.int32).contiguous(), offsets
+    key = (int(num_frames), int(span), torch.device(device))
+    table = _PAIR_TABLES.get(key)
+    if table is None:
+        pairs = make_pairs(num_frames, span)
+        counts = torch.bincount(pairs[:, 0], minlength=num_frames)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+        table = PairTable(
+            pairs.to(key[2]), pairs[:, 0].to(torch.int32).to(key[2]), pairs[:, 1].to(torch.int32).to(key[2]),
+            offsets.to(torch.int32).to(key[2]),
+        )
+        _PAIR_TABLES[key] = table
+    return table
 
 
-def launch_coarse(q: Tensor, k: Tensor, pairs: Tensor, geo: FlowGeometry, temperature: float, windows: Tensor) -> None:
+def launch_coarse(q: Tensor, k: Tensor, table: PairTable, geo: FlowGeometry, temperature: float, windows: Tensor) -> None:
     """Fill ``windows`` (B, P, n_tiles, 2) int64 with the coarse-pass origins. q, k: (B, F, S, D) contiguous."""
-    b, f, seq, dim = q.shape
+    b, _, seq, dim = q.shape
     if geo.covers_frame:
         windows.zero_()
         return
-    qrep = tile_mean_queries(q, geo)
-    pair_i, pair_j, _ = pair_tables(pairs, f)
     n_tiles = geo.num_tiles
-    grid = (triton.cdiv(n_tiles, COARSE_BLOCK_M), pairs.shape[0], b)
+    grid = (triton.cdiv(n_tiles, COARSE_BLOCK_M), table.pairs.shape[0], b)
     _coarse_kernel[grid](
-        qrep, k, pair_i, pair_j, windows,
-        qrep.stride(0), qrep.stride(1), qrep.stride(2),
+        q, k, table.pair_i, table.pair_j, windows,
+        q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         windows.stride(0), windows.stride(1), windows.stride(2),
-        n_tiles, seq, geo.frame[1], geo.window[0] // 2, geo.window[1] // 2, geo.max_origin[0], geo.max_origin[1],
+        n_tiles, geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], seq,
+        geo.window[0] // 2, geo.window[1] // 2, geo.max_origin[0], geo.max_origin[1],
         temperature / math.sqrt(dim) * LOG2E,
         HEAD_DIM=dim, BLOCK_M=COARSE_BLOCK_M, BLOCK_N=COARSE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
@@ -106,16 +109,15 @@ def launch_coarse(q: Tensor, k: Tensor, pairs: Tensor, geo: FlowGeometry, temper
 
 
 def launch_fine_forward(
-    q: Tensor, k: Tensor, pairs: Tensor, windows: Tensor, geo: FlowGeometry, temperature: float,
+    q: Tensor, k: Tensor, table: PairTable, windows: Tensor, geo: FlowGeometry, temperature: float,
     flow: Tensor, lse: Tensor,
 ) -> None:
     """Fill ``flow`` (B, P, S, 2) fp32 and ``lse`` (B, P, S) fp32 (base 2). q, k: (B, F, S, D) contiguous."""
-    b, f, _, dim = q.shape
-    pair_i, pair_j, _ = pair_tables(pairs, f)
+    b, _, _, dim = q.shape
     group, block_q, n_groups_x, n_groups = _tile_groups(geo, FWD_TILE_GROUP)
-    grid = (n_groups, pairs.shape[0], b)
+    grid = (n_groups, table.pairs.shape[0], b)
     _fine_fwd_kernel[grid](
-        q, k, pair_i, pair_j, windows, flow, lse,
+        q, k, table.pair_i, table.pair_j, windows, flow, lse,
         q.stride(0), q.stride(1), q.stride(2),
         windows.stride(0), windows.stride(1), windows.stride(2),
         flow.stride(0), flow.stride(1), flow.stride(2),
@@ -128,17 +130,16 @@ def launch_fine_forward(
 
 
 def launch_fine_backward(
-    grad_flow: Tensor, q: Tensor, k: Tensor, pairs: Tensor, windows: Tensor, flow: Tensor, lse: Tensor,
+    grad_flow: Tensor, q: Tensor, k: Tensor, table: PairTable, windows: Tensor, flow: Tensor, lse: Tensor,
     geo: FlowGeometry, temperature: float, dq: Tensor, dk_acc: Tensor,
 ) -> None:
     """Write ``dq`` (B, F, S, D, q's dtype) and add into ``dk_acc`` (B, F, S, D fp32, zeroed by the caller)."""
     b, f, _, dim = q.shape
-    _, pair_j, pair_off = pair_tables(pairs, f)
     grad_flow = grad_flow.float().contiguous()
     group, block_q, n_groups_x, n_groups = _tile_groups(geo, BWD_TILE_GROUP)
     grid = (n_groups, f, b)
     _fine_bwd_kernel[grid](
-        q, k, pair_j, pair_off, windows, flow, lse, grad_flow, dq, dk_acc,
+        q, k, table.pair_j, table.offsets, windows, flow, lse, grad_flow, dq, dk_acc,
         q.stride(0), q.stride(1), q.stride(2),
         windows.stride(0), windows.stride(1), windows.stride(2),
         flow.stride(0), flow.stride(1), flow.stride(2),
@@ -157,32 +158,34 @@ def _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w) -> FlowGeome
 
 @torch.library.custom_op("fastvmt::motion_flow_fwd", mutates_args=())
 def motion_flow_fwd(
-    q: Tensor, k: Tensor, pairs: Tensor, given_windows: Optional[Tensor],
+    q: Tensor, k: Tensor, given_windows: Optional[Tensor], span: int,
     frame_h: int, frame_w: int, tile_h: int, tile_w: int, window_h: int, window_w: int, temperature: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(flow (B, P, S, 2) fp32, windows (B, P, n_tiles, 2) int64, lse (B, P, S) fp32) for contiguous q, k.
 
-    ``given_windows`` (B, P, n_tiles, 2) int64 replaces the coarse pass (returned as a copy); None runs it.
+    Pairs: ``make_pairs(F, span)``. ``given_windows`` (B, P, n_tiles, 2) int64 replaces the coarse pass (returned
+    as a copy); None runs it.
     """
     geo = _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w)
-    b, _, seq, _ = q.shape
-    p = pairs.shape[0]
+    b, f, seq, _ = q.shape
+    table = pair_table(f, span, q.device)
+    p = table.pairs.shape[0]
     flow = torch.empty(b, p, seq, 2, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, p, seq, dtype=torch.float32, device=q.device)
     if given_windows is None:
         windows = torch.empty(b, p, geo.num_tiles, 2, dtype=torch.int64, device=q.device)
-        launch_coarse(q, k, pairs, geo, temperature, windows)
+        launch_coarse(q, k, table, geo, temperature, windows)
     else:
         windows = given_windows.contiguous().clone()
-    launch_fine_forward(q, k, pairs, windows, geo, temperature, flow, lse)
+    launch_fine_forward(q, k, table, windows, geo, temperature, flow, lse)
     return flow, windows, lse
 
 
 @motion_flow_fwd.register_fake
-def _motion_flow_fwd_fake(q, k, pairs, given_windows, frame_h, frame_w, tile_h, tile_w, window_h, window_w, temperature):
+def _motion_flow_fwd_fake(q, k, given_windows, span, frame_h, frame_w, tile_h, tile_w, window_h, window_w, temperature):
     geo = _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w)
-    b, _, seq, _ = q.shape
-    p = pairs.shape[0]
+    b, f, seq, _ = q.shape
+    p = sum(min(f, i + span) - i for i in range(f))
     return (
         q.new_empty(b, p, seq, 2, dtype=torch.float32),
         q.new_empty(b, p, geo.num_tiles, 2, dtype=torch.int64),
@@ -192,33 +195,34 @@ def _motion_flow_fwd_fake(q, k, pairs, given_windows, frame_h, frame_w, tile_h, 
 
 @torch.library.custom_op("fastvmt::motion_flow_bwd", mutates_args=())
 def motion_flow_bwd(
-    grad_flow: Tensor, q: Tensor, k: Tensor, pairs: Tensor, windows: Tensor, flow: Tensor, lse: Tensor,
+    grad_flow: Tensor, q: Tensor, k: Tensor, windows: Tensor, flow: Tensor, lse: Tensor, span: int,
     frame_h: int, frame_w: int, tile_h: int, tile_w: int, window_h: int, window_w: int, temperature: float,
 ) -> Tuple[Tensor, Tensor]:
     """(dq, dk) in q's dtype, (B, F, S, D), for the fine pass (window origins are constants)."""
     geo = _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w)
     dq = torch.empty_like(q)
     dk_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    launch_fine_backward(grad_flow, q, k, pairs, windows, flow, lse, geo, temperature, dq, dk_acc)
+    table = pair_table(q.shape[1], span, q.device)
+    launch_fine_backward(grad_flow, q, k, table, windows, flow, lse, geo, temperature, dq, dk_acc)
     return dq, dk_acc.to(k.dtype)
 
 
 @motion_flow_bwd.register_fake
-def _motion_flow_bwd_fake(grad_flow, q, k, pairs, windows, flow, lse, *args):
+def _motion_flow_bwd_fake(grad_flow, q, k, windows, flow, lse, *args):
     return torch.empty_like(q), torch.empty_like(k)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, pairs, _given_windows, *geometry = inputs
+    q, k, _given_windows, *span_and_geometry = inputs
     flow, windows, lse = output
-    ctx.save_for_backward(q, k, pairs, windows, flow, lse)
-    ctx.geometry = geometry
+    ctx.save_for_backward(q, k, windows, flow, lse)
+    ctx.span_and_geometry = span_and_geometry
 
 
 def _backward(ctx, grad_flow, grad_windows, grad_lse):
-    q, k, pairs, windows, flow, lse = ctx.saved_tensors
-    dq, dk = motion_flow_bwd(grad_flow, q, k, pairs, windows, flow, lse, *ctx.geometry)
-    return (dq, dk, None, None) + (None,) * len(ctx.geometry)
+    q, k, windows, flow, lse = ctx.saved_tensors
+    dq, dk = motion_flow_bwd(grad_flow, q, k, windows, flow, lse, *ctx.span_and_geometry)
+    return (dq, dk, None) + (None,) * len(ctx.span_and_geometry)
 
 
 motion_flow_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -231,8 +235,7 @@ def motion_flow_triton(
 
     windows: optional (B, P, n_tiles, 2) int64 origins to use instead of the coarse pass.
     """
-    pairs = make_pairs(q.shape[1], span, q.device)
     flow, windows, _ = motion_flow_fwd(
-        q.contiguous(), k.contiguous(), pairs, windows, *geo.frame, *geo.tile, *geo.window, float(temperature)
+        q.contiguous(), k.contiguous(), windows, int(span), *geo.frame, *geo.tile, *geo.window, float(temperature)
     )
-    return flow, pairs, windows
+    return flow, pair_table(q.shape[1], span, q.device).pairs.clone(), windows
