@@ -320,8 +320,9 @@ def write_results():
         f"{CARRIED_VARIANT}: the fastvmt row's measured phase times composed for reuse_interval="
         f"{CARRIED_REUSE_INTERVAL} with carry_gradient_across_steps=True (G + 1 gradient iterations; the "
         "testbed recipe's reuse setting, benchmarks/results/testbed_sweep.md); not a separate measurement",
-        "guidance passes use gradient checkpointing of the truncated blocks (what gradient_checkpointing='auto' picks "
-        "at this size); *_no_ckpt: one gradient computation (no AdamW step) without it; times are medians after "
-        "one warm-up",
+        "guidance passes use gradient checkpointing of the truncated blocks (the memory-saving setting); *_no_ckpt: "
+        "one gradient computation (no AdamW step) without it, which gradient_checkpointing='auto' picks when the "
+        "estimate fits 80% of the free memory (fastvmt.pipeline.ACTIVATION_ELEMENTS_PER_CHANNEL); times are "
+        "medians after one warm-up",
     ]
     return write_table("pipeline", "Motion-transfer pipeline phases (Wan2.1-1.3B size)", list(RESULTS.values()), columns, notes)

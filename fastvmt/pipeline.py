@@ -25,9 +25,12 @@ from .video_io import VideoLike, prepare_reference
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 # gradient_checkpointing="auto": estimated saved activations of a gradient pass, in elements per token, per model
-# channel and per block run (Wan block: ~15 width-sized tensors, 3 FFN-sized ones, fp32 norm copies; with margin),
-# compared with this fraction of the free CUDA memory.
-ACTIVATION_ELEMENTS_PER_CHANNEL = 48
+# channel and per block run, compared with this fraction of the free CUDA memory. Measured on an H100
+# (benchmarks/results/pipeline.md): Wan2.1-1.3B at 480x832x81, motion block 14, one gradient pass without
+# checkpointing peaks at 31.7 GiB including ~2.7 GiB of weights, i.e. ~20.4 elements per token, channel and block
+# in bf16; 24 keeps a ~18% margin. (Then "auto" skips checkpointing there on an 80 GB GPU: 0.91 s instead of
+# 1.20 s per gradient iteration.)
+ACTIVATION_ELEMENTS_PER_CHANNEL = 24
 AUTO_CHECKPOINT_FRACTION = 0.8
 WAN_VAE_TEMPORAL = 4
 MIN_LATENT_FRAMES = 2  # motion needs at least two (latent) frames
