@@ -19,6 +19,9 @@ fastvmt + local attention everywhere (``fastvmt.apply_local_attention`` defaults
 peak memory of one gradient iteration is measured separately). A last row re-composes the fastvmt row's phase
 times for gradient reuse with k = 5 carried across steps (the testbed recipe's setting).
 
+A last test runs whole ``pipe(...)`` calls, plain and FastVMT, on a shorter schedule (20 steps, 4 guided) and
+compares their wall time with the total composed from this run's phase rows (results/pipeline_end_to_end).
+
 Per-video totals are composed from the schedule (text encoding excluded), N = 50 steps, G = 10 guided steps:
 plain = N*denoise + decode; ditflow = encode + 1*reference (fixed clean reference, computed once) + G*5*gradient +
 N*denoise + decode; fastvmt = encode + G*reference + G*(4*gradient + 6*reuse) + N*denoise + decode.
@@ -146,7 +149,7 @@ def bench():
         )
         SHARED["vae_peak_gib"] = _peak_gib()
     latents = torch.randn(1, 16, frames, height, width, device=DEVICE)
-    return dict(pipe=pipe, embeds=embeds, reference=reference_latents, latents=latents)
+    return dict(pipe=pipe, embeds=embeds, reference=reference_latents, latents=latents, reference_video=video)
 
 
 def _config(recipe: str, **extra):
@@ -290,6 +293,56 @@ def test_write_results():
     if not RESULTS:
         pytest.skip("no variant ran")
     assert write_results()[0].exists()
+
+
+E2E_STEPS, E2E_GUIDED = (2, 1) if DRY else (20, 4)
+
+
+def test_end_to_end_short_schedule(bench):
+    """Whole ``pipe(...)`` calls, plain and FastVMT, side by side, on a shorter schedule (E2E_STEPS steps, E2E_GUIDED
+    guided): the measured wall time against the total composed from this run's phase rows for that schedule, which
+    checks the per-video composition above. -> results/pipeline_end_to_end."""
+    if "fastvmt" not in RESULTS or "error" in RESULTS["fastvmt"] or "plain" not in RESULTS:
+        pytest.skip("needs the plain and fastvmt phase rows of this run")
+    pipe, embeds = bench["pipe"], bench["embeds"]
+    video = (bench["reference_video"] + 1) / 2  # (1, 3, F, H, W) in [-1, 1] -> (F, 3, H, W) in [0, 1]
+    video = video[0].permute(1, 0, 2, 3).float().clamp(0, 1)
+    config = _config("fastvmt", guided_steps=E2E_GUIDED)
+    common = dict(
+        prompt_embeds=embeds["pos"], negative_prompt_embeds=embeds["neg"], height=HEIGHT, width=WIDTH,
+        num_frames=FRAMES, num_inference_steps=E2E_STEPS, output_type="pt",
+    )
+    rows = []
+    for variant, extra in (("plain", {}), ("fastvmt", dict(reference_video=video, motion_config=config,
+                                                         reference_prompt_embeds=embeds["ref"]))):
+        _reset_peak()
+        generator = torch.Generator(device=DEVICE).manual_seed(0)
+        seconds = timed(lambda: pipe(generator=generator, **common, **extra), repeats=1, warmup=0)
+        phase = RESULTS[variant]
+        composed = E2E_STEPS * phase["denoise_step_s"] + SHARED["vae_decode_s"]
+        if variant == "fastvmt":
+            gradients = config.gradient_iterations
+            composed += (SHARED["vae_encode_s"] + E2E_GUIDED * phase["reference_pass_s"]
+                         + gradients * phase["gradient_iter_s"]
+                         + (E2E_GUIDED * config.inner_iters - gradients) * phase["reuse_iter_s"])
+        rows.append({"variant": variant, "steps": E2E_STEPS, "guided_steps": E2E_GUIDED if extra else 0,
+                     "measured_s": seconds, "composed_s": composed, "measured_over_composed": seconds / composed,
+                     "peak_gib": _peak_gib()})
+    rows.append({"variant": "fastvmt / plain", "measured_s": rows[1]["measured_s"] / rows[0]["measured_s"],
+                 "composed_s": rows[1]["composed_s"] / rows[0]["composed_s"]})
+    notes = [
+        f"video {HEIGHT}x{WIDTH}x{FRAMES}, same components and prompt embeddings as results/pipeline (this run)",
+        "measured_s: one whole pipe(...) call each (no warm-up; kernels already compiled by the phase tests), "
+        "output_type='pt' (VAE decode included, no video file); the reference video is random frames",
+        "composed_s: E2E_STEPS * denoise_step_s + vae_decode_s (+ for fastvmt: vae_encode_s + guided * "
+        "reference_pass_s + gradient iterations * gradient_iter_s + reuse iterations * reuse_iter_s) from this "
+        "run's phase rows; the last row gives fastvmt / plain for both",
+        "guidance with gradient checkpointing, as the phase rows",
+    ]
+    write_table("pipeline_end_to_end", "Motion-transfer pipeline end to end (short schedule) vs composed",
+                rows, ["variant", "steps", "guided_steps", "measured_s", "composed_s", "measured_over_composed",
+                       "peak_gib"], notes)
+    assert all(r["measured_s"] > 0 for r in rows)
 
 
 def write_results():
