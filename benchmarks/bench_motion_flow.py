@@ -5,6 +5,7 @@ Providers (each one step = forward + backward of ``sum(flow * g)`` w.r.t. q and 
 - ``fused``: ``fastvmt_kernels.motion_flow`` with the Triton backend (FastVMT pairs: span 4, 78 pairs at F = 21).
 - ``fused_fwd{a}x{b}_bwd{c}x{d}`` (ablations, GPU): the same op with a x b tiles per forward fine-pass program and
   c x d per backward program instead of the defaults (``FWD_TILE_GROUP``, ``BWD_TILE_GROUP``); 1x1 = one tile each.
+- ``fused+cuda_graph``, ``dense_global+cuda_graph`` (GPU): the same steps captured in a CUDA graph and replayed.
 - ``dense_global``: DiTFlow's global AMF over all F*F ordered pairs, one einsum, full (F, F, S, S) softmax, autograd.
 - ``dense_gather_local``: the official FastVMT code's structure: a Python loop over the span pairs; self pairs are
   full S x S soft-argmaxes; for i < j the coarse pass uses each tile's centre query, then the l*l window keys of
@@ -70,8 +71,11 @@ DITFLOW_TEMPERATURE = 2.0
 # FWD_TILE_GROUP / BWD_TILE_GROUP in fastvmt_kernels/motion_flow/kernels.py); fwd1x1_bwd1x1 is one tile per program.
 ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd2x2_bwd1x1", "fused_fwd1x1_bwd2x2", "fused_fwd2x1_bwd2x1",
              "fused_fwd1x2_bwd1x2")
+# Suffix of a provider whose step is captured once in a CUDA graph and replayed: the GPU time of the step without
+# the host's cost of queueing it (what torch.compile(mode="reduce-overhead") or a captured pipeline gets).
+GRAPHED = "+cuda_graph"
 PROVIDERS = {
-    "gpu": ("fused", *ABLATIONS, "dense_global", "dense_gather_local"),
+    "gpu": ("fused", *ABLATIONS, "dense_global", "dense_gather_local", "fused" + GRAPHED, "dense_global" + GRAPHED),
     "cpu": ("chunked_reference", "dense_global", "dense_gather_local"),
     "cpu_wan": ("chunked_reference", "dense_gather_local"),
     "dry": ("fused", ABLATIONS[0], "chunked_reference", "dense_global", "dense_gather_local"),
@@ -211,29 +215,48 @@ def dense_gather_local_bytes(shape, key_bytes: int) -> int:
 ANALYTIC = {"fused": fused_bytes, "dense_global": dense_global_bytes, "dense_gather_local": dense_gather_local_bytes}
 
 
+def cuda_graphed(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` captured in a CUDA graph (after warm-up on a side stream, as torch.cuda.graph requires); returns
+    the replay. Inputs and the upstream gradient are the step's own static tensors."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_motion_flow(benchmark, provider, monkeypatch):
-    if provider.startswith("fused_"):  # ablation: fused_fwd{a}x{b}_bwd{c}x{d} tiles per fine-pass program
+    base, graphed = provider.removesuffix(GRAPHED), provider.endswith(GRAPHED)
+    if base.startswith("fused_"):  # ablation: fused_fwd{a}x{b}_bwd{c}x{d} tiles per fine-pass program
         from fastvmt_kernels.motion_flow import op as flow_op
 
-        fwd, bwd = re.fullmatch(r"fused_fwd(\d+x\d+)_bwd(\d+x\d+)", provider).groups()
+        fwd, bwd = re.fullmatch(r"fused_fwd(\d+x\d+)_bwd(\d+x\d+)", base).groups()
         monkeypatch.setattr(flow_op, "FWD_TILE_GROUP", tuple(int(v) for v in fwd.split("x")))
         monkeypatch.setattr(flow_op, "BWD_TILE_GROUP", tuple(int(v) for v in bwd.split("x")))
     geo = _geometry(SHAPE)
     b, f, d = SHAPE["batch"], SHAPE["frames"], SHAPE["dim"]
     q, k = (torch.randn(b, f, geo.num_tokens, d, device=DEVICE).to(DTYPE).requires_grad_() for _ in range(2))
-    if provider.startswith("fused"):
+    if base.startswith("fused"):
         check_fused_against_reference(q, k, geo, SHAPE["span"])
-    step = make_step(provider, q, k, geo, SHAPE["span"])
+    step = make_step(base, q, k, geo, SHAPE["span"])
     step()  # compile / warm up outside the timing
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
     mem = peak_bytes(step)
+    if graphed:
+        step = cuda_graphed(step)
+        sync()
     start = time.perf_counter()
     benchmark.pedantic(lambda: (step(), sync()), rounds=ROUNDS, iterations=1)
     wall = (time.perf_counter() - start) / ROUNDS
     stats = getattr(benchmark, "stats", None)
     ms = stats.stats.median * 1e3 if stats is not None else wall * 1e3
-    pairs = f * f if provider == "dense_global" else make_pairs(f, SHAPE["span"]).shape[0]
+    pairs = f * f if base == "dense_global" else make_pairs(f, SHAPE["span"]).shape[0]
     RESULTS.append({"provider": provider, "pairs": pairs, "ms": ms, "peak_MiB": mem / 2**20})
     _write(RESULTS)  # rewritten after every provider: a stage timeout keeps what was measured
 
@@ -247,7 +270,8 @@ def _write(measured: List[Dict[str, object]]) -> None:
         if base is not None:
             row["time_ratio"] = row["ms"] / base["ms"]
             row["memory_ratio"] = row["peak_MiB"] / max(base["peak_MiB"], 1e-9)
-        analytic = ANALYTIC.get("fused" if row["provider"].startswith("fused_") else row["provider"])
+        provider = row["provider"].removesuffix(GRAPHED)
+        analytic = ANALYTIC.get("fused" if provider.startswith("fused_") else provider)
         if analytic is not None:
             row["analytic_MiB_this_shape"] = analytic(SHAPE, torch.finfo(DTYPE).bits // 8) / 2**20
     extra = []
@@ -272,6 +296,8 @@ def _write(measured: List[Dict[str, object]]) -> None:
                         "peak live bytes of the CPU allocator during one step (torch.profiler memory events)"),
         f"time_ratio, memory_ratio: this provider / {BASELINE}",
         "dense_global covers all F*F ordered pairs (DiTFlow); the others the span pairs (FastVMT)",
+        f"*{GRAPHED}: the same step captured once in a CUDA graph and replayed (GPU time without the host's "
+        "queueing; peak_MiB is the eager step's)",
         *extra,
     ]
     if MODE.startswith("cpu") and not os.environ.get(OUT_ENV):
