@@ -49,7 +49,31 @@ FLEX_BLOCK = 128 if not DRY else 16
 SPARSE_PROVIDERS = ("ours", "flex")
 DENSE_PROVIDERS = ("sdpa-flash", "sdpa-cudnn")
 
+# Launch-configuration sweep of our kernels (GPU only; Wan2.1-1.3B, 25% density): "ours@<kernel><M>x<N>w<warps>s<stages>
+# [+...]" overrides fastvmt_kernels.local_attention.kernels.kernel_configs for the named kernels (all compile
+# spill-free for D = 128 bf16: python -m fastvmt_kernels.inspect). A forward-only override runs mode fwd, a backward
+# one fwd+bwd. 128-row blocks hold one whole 120-token tile.
+SWEEP = ("ours@fwd16x16w4s1", "ours@dq16x16w4s1+dkdv16x16w4s1") if DRY else (
+    "ours@fwd128x128w8s2", "ours@fwd128x128w8s3", "ours@fwd128x64w8s3", "ours@fwd64x64w4s3",
+    "ours@dq128x64w8s2+dkdv128x64w8s2", "ours@dq64x128w8s2+dkdv64x128w8s2", "ours@dq64x64w4s3+dkdv64x64w4s3",
+)
+SWEEP_MODEL, SWEEP_DENSITY = next(iter(MODELS)), "25%"
+FLEX_MODELS = ("tiny",) if DRY else ("wan2.1-1.3b",)  # FlexAttention compiles slowly; its per-head cost is shown once
+
 RESULTS: List[Dict[str, object]] = []
+
+
+def sweep_configs(provider: str, head_dim: int, elem_bytes: int):
+    """kernel_configs(head_dim, elem_bytes) with the overrides named by a SWEEP provider."""
+    import re
+
+    from fastvmt_kernels.local_attention import kernels
+
+    configs = dict(kernels.kernel_configs(head_dim, elem_bytes))
+    for part in provider.split("@", 1)[1].split("+"):
+        kind, m, n, warps, stages = re.fullmatch(r"(fwd|dq|dkdv)(\d+)x(\d+)w(\d+)s(\d+)", part).groups()
+        configs[kind] = kernels.BlockConfig(int(m), int(n), int(warps), int(stages))
+    return configs
 
 
 def flex_mask_mod(layout: TileLayout):
@@ -123,15 +147,22 @@ def cases():
         for provider in DENSE_PROVIDERS:
             for mode in MODES:
                 yield model, "dense", provider, mode
-    for model in MODELS:
+    for provider in SWEEP:
+        yield SWEEP_MODEL, SWEEP_DENSITY, provider, "fwd+bwd" if "@d" in provider else "fwd"
+    for model in FLEX_MODELS:
         for density in WINDOWS:
             for mode in MODES:
                 yield model, density, "flex", mode
 
 
 @pytest.mark.parametrize("case", list(cases()), ids=lambda case: "-".join(case))
-def test_local_attention(benchmark, case):
+def test_local_attention(benchmark, case, monkeypatch):
     model, density, provider, mode = case
+    if provider.startswith("ours@"):
+        from fastvmt_kernels.local_attention import kernels
+
+        swept = sweep_configs(provider, HEAD_DIM, torch.finfo(DTYPE).bits // 8)
+        monkeypatch.setattr(kernels, "kernel_configs", lambda head_dim, elem_bytes: swept)
     heads = MODELS[model]
     window = WINDOWS.get(density, (99, 99, 99))
     layout = TileLayout.create(GRID, TILE, window)
@@ -141,7 +172,7 @@ def test_local_attention(benchmark, case):
         pytest.skip("cuDNN needs CUDA")
     if provider == "sdpa-cudnn" and not torch.backends.cudnn.is_available():
         pytest.skip("cuDNN unavailable")
-    attend = make_attention(provider, layout)
+    attend = make_attention(provider.split("@")[0], layout)
     q, k, v = (torch.randn(BATCH, SEQ, heads, HEAD_DIM, device=DEVICE, dtype=DTYPE) for _ in range(3))
     if mode == "fwd":
         def step():
@@ -156,7 +187,7 @@ def test_local_attention(benchmark, case):
             out = attend(q, k, v)
             return torch.autograd.grad(out, (q, k, v), dout)
 
-    if DRY and provider in ("ours", "flex"):  # the dry run also proves both providers implement the rule
+    if DRY and provider.split("@")[0] in ("ours", "flex"):  # the dry run also proves both implement the rule
         from fastvmt_kernels.local_attention.reference import local_attention_reference
 
         with torch.no_grad():
@@ -242,5 +273,7 @@ def _write(rows: List[Dict[str, object]]) -> None:
         "fraction_of_ideal = speedup / (1/density)",
         "ours gathers tokens in tile order inside the kernels: no permutation pass exists to add to its time",
         f"flex: torch.compile(flex_attention), block mask from the same rule, raster order, {FLEX_BLOCK}x{FLEX_BLOCK} blocks",
+        "ours@...: launch-configuration sweep (SWEEP in the benchmark file): kernel, rows per query x key block, "
+        "warps, pipeline stages overriding the defaults of fastvmt_kernels/local_attention/kernels.py",
     ]
     write_table("local_attention", "Local attention vs dense SDPA and FlexAttention", rows, columns, notes, _plot(rows))
