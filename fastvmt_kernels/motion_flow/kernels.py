@@ -46,7 +46,8 @@ NUM_STAGES = 2
 # (64 slots, 8 warps). (1, 1) is one tile per program.
 BWD_TILE_GROUP = (2, 1)
 FWD_TILE_GROUP = (2, 1)
-MAX_FLOOR = tl.constexpr(-1.0e30)  # finite start of the online max: a block with no key of a query's window changes nothing
+# Finite start of the online max: a key block holding no key of a query's window leaves that query's state unchanged.
+MAX_FLOOR = tl.constexpr(-1.0e30)
 WIDE_BLOCK_Q = 64  # fine-pass programs with at least this many query slots run WIDE_NUM_WARPS warps
 WIDE_NUM_WARPS = 8
 
@@ -89,7 +90,8 @@ def _coarse_kernel(
         x = left + slot % tile_w
         ok = row_ok & (y < frame_h) & (x < frame_w)
         rows = tl.where(ok, y * frame_w + x, 0).to(tl.int64)
-        q_sum += tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        q_rows = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=ok[:, None], other=0.0)
+        q_sum += q_rows.to(tl.float32)
         count += ok.to(tl.float32)
     q = (q_sum / tl.maximum(count, 1.0)[:, None]).to(q_ptr.dtype.element_ty)
     k_base = k_ptr + b * stride_kb + fj * stride_kf
@@ -330,7 +332,9 @@ def inspect_specs():
          "BLOCK_N": "constexpr", "DOT_PRECISION": "constexpr", "GROUP_Y": "constexpr", "GROUP_X": "constexpr"},
     )
     fine_constexprs = {"HEAD_DIM": _INSPECT_DIM, "BLOCK_Q": block_q, "BLOCK_N": FINE_BLOCK_N, "DOT_PRECISION": "tf32"}
-    slots = lambda group: max(MIN_BLOCK_Q, triton.next_power_of_2(group[0] * group[1] * _INSPECT_TILE_SLOTS))  # noqa: E731
+    def slots(group):
+        return max(MIN_BLOCK_Q, triton.next_power_of_2(group[0] * group[1] * _INSPECT_TILE_SLOTS))
+
     bwd_block_q = slots(BWD_TILE_GROUP)
     bwd_constexprs = dict(fine_constexprs, BLOCK_Q=bwd_block_q, GROUP_Y=BWD_TILE_GROUP[0], GROUP_X=BWD_TILE_GROUP[1])
     fwd_block_q = slots(FWD_TILE_GROUP)

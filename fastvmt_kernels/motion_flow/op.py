@@ -87,7 +87,9 @@ def pair_table(num_frames: int, span: int, device) -> PairTable:
     return table
 
 
-def launch_coarse(q: Tensor, k: Tensor, table: PairTable, geo: FlowGeometry, temperature: float, windows: Tensor) -> None:
+def launch_coarse(
+    q: Tensor, k: Tensor, table: PairTable, geo: FlowGeometry, temperature: float, windows: Tensor
+) -> None:
     """Fill ``windows`` (B, P, n_tiles, 2) int64 with the coarse-pass origins. q, k: (B, F, S, D) contiguous."""
     b, _, seq, dim = q.shape
     if geo.covers_frame:
