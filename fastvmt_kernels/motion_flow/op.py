@@ -1,9 +1,11 @@
 """torch.library custom ops around the motion-flow Triton kernels (forward, backward, fake tensors, autograd).
 
-``fastvmt::motion_flow_fwd(q, k, pairs, given_windows, ...) -> (flow, windows, lse)`` and
-``fastvmt::motion_flow_bwd(grad_flow, q, k, pairs, windows, flow, lse, ...) -> (dq, dk)``; the forward registers the
-backward through ``register_autograd`` so the op is differentiable and traceable by torch.compile.
-The launchers take preallocated outputs so tests can poison them.
+``fastvmt::motion_flow_fwd(q, k, given_windows, span, <geometry>, temperature) -> (flow, windows, lse)`` and
+``fastvmt::motion_flow_bwd(grad_flow, q, k, windows, flow, lse, span, <geometry>, temperature) -> (dq, dk)``; the
+forward registers the backward through ``register_autograd`` so the op is differentiable and traceable by
+torch.compile. The pairs are ``make_pairs(F, span)``, read by the kernels from a :class:`PairTable` cached per
+device, so a step queues its kernels without any host synchronisation. The launchers take preallocated outputs so
+tests can poison them.
 """
 from __future__ import annotations
 
