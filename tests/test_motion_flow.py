@@ -313,12 +313,33 @@ def test_launchers_overwrite_poisoned_buffers(device):
 
 def test_custom_op_registration(device):
     q, k = _inputs((1, 2, 12, 16), torch.float32, device)
-    for given in (None, torch.tensor([[[[0, 1]], [[1, 0]], [[0, 0]]]], device=device).expand(1, 3, 4, 2)):
+    # Given origins must be legal (motion_flow() validates them; the op trusts them): frame (3, 4), window 3 ->
+    # origins in [0, 0] x [0, 1].
+    for given in (None, torch.tensor([[[[0, 1]], [[0, 0]], [[0, 1]]]], device=device).expand(1, 3, 4, 2)):
         torch.library.opcheck(
             flow_op.motion_flow_fwd,
             (q, k, given, 2, 3, 4, 2, 2, 3, 3, 1.0),
-            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"),
         )
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    """The public function traces into one graph (custom op + fake kernel + registered autograd, no graph break)
+    and gives the eager loss and gradients."""
+    q, k = _inputs((1, 3, 20, 16), torch.float32, device)
+
+    def loss(a, b):
+        flow, _ = motion_flow(a, b, (4, 5), tile=(2, 2), window=3, span=2, backend="triton")
+        return (flow**2).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    eager_loss = loss(q, k)
+    eager_grads = torch.autograd.grad(eager_loss, (q, k))
+    compiled_loss = compiled(q, k)
+    compiled_grads = torch.autograd.grad(compiled_loss, (q, k))
+    assert_rel_close(compiled_loss.detach(), eager_loss.detach(), 1e-6, "compiled loss")
+    for name, got, want in zip(("dq", "dk"), compiled_grads, eager_grads):
+        assert_rel_close(got, want, 1e-6, f"compiled {name}")
 
 
 @pytest.mark.parametrize(
