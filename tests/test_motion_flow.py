@@ -313,14 +313,30 @@ def test_launchers_overwrite_poisoned_buffers(device):
 
 def test_custom_op_registration(device):
     q, k = _inputs((1, 2, 12, 16), torch.float32, device)
-    # Given origins must be legal (motion_flow() validates them; the op trusts them): frame (3, 4), window 3 ->
-    # origins in [0, 0] x [0, 1].
+    # Legal origins (motion_flow() validates them; the kernels clamp others): frame (3, 4), window 3 -> [0, 0] x [0, 1].
     for given in (None, torch.tensor([[[[0, 1]], [[0, 0]], [[0, 1]]]], device=device).expand(1, 3, 4, 2)):
         torch.library.opcheck(
             flow_op.motion_flow_fwd,
             (q, k, given, 2, 3, 4, 2, 2, 3, 3, 1.0),
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"),
         )
+
+
+def test_op_clamps_illegal_given_origins_into_the_frame(device):
+    """Origins handed straight to the op outside the legal range act as their clamped values: no window reads keys
+    outside its frame or adds dk there (poisoned keys beyond the frame would show up as NaN)."""
+    frame, geo = (3, 4), FlowGeometry.create((3, 4), (2, 2), 3)
+    q, k = _inputs((1, 2, 12, 16), torch.float32, device)
+    illegal = torch.tensor([[[[1, 0]], [[-2, 5]], [[0, 3]]]], device=device).expand(1, 3, 4, 2).contiguous()
+    legal = torch.stack([illegal[..., 0].clamp(0, 0), illegal[..., 1].clamp(0, 1)], dim=-1)
+    grad = torch.randn(1, 3, 12, 2, device=device)
+    args = (2, *frame, *geo.tile, *geo.window, 1.0)
+    runs = []
+    for origins in (illegal, legal):
+        flow, _, _ = flow_op.motion_flow_fwd(q, k, origins, *args)
+        runs.append((flow,) + torch.autograd.grad((flow * grad).sum(), (q, k)))
+    for name, got, want in zip(("flow", "dq", "dk"), *runs):
+        assert_rel_close(got, want, 1e-6, f"illegal origins {name}")
 
 
 def test_torch_compile_fullgraph_matches_eager(device):

@@ -158,6 +158,9 @@ def _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w):
     group's windows; ``w_ptrs`` points at each slot's tile row of the (B, P, n_tiles, 2) origins."""
     oy = tl.load(w_ptrs, mask=q_ok, other=0).to(tl.int32)
     ox = tl.load(w_ptrs + 1, mask=q_ok, other=0).to(tl.int32)
+    # Memory safety for origins given directly to the op (motion_flow() rejects illegal ones): keep windows in frame.
+    oy = tl.minimum(tl.maximum(oy, 0), frame_h - win_h)
+    ox = tl.minimum(tl.maximum(ox, 0), frame_w - win_w)
     box_y = tl.min(tl.where(q_ok, oy, frame_h), 0)
     box_x = tl.min(tl.where(q_ok, ox, frame_w), 0)
     box_w = tl.max(tl.where(q_ok, ox, 0), 0) + win_w - box_x

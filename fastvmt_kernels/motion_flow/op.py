@@ -168,8 +168,9 @@ def motion_flow_fwd(
     """(flow (B, P, S, 2) fp32, windows (B, P, n_tiles, 2) int64, lse (B, P, S) fp32) for contiguous q, k.
 
     Pairs: ``make_pairs(F, span)``. ``given_windows`` (B, P, n_tiles, 2) int64 replaces the coarse pass (returned
-    as a copy); None runs it. Given origins must lie in ``[0, frame - window side]`` per axis: the kernels trust
-    them (:func:`fastvmt_kernels.motion_flow` validates them first; checking here would synchronise the host).
+    as a copy); None runs it. Given origins must lie in ``[0, frame - window side]`` per axis
+    (:func:`fastvmt_kernels.motion_flow` validates them; checking here would synchronise the host); the kernels
+    clamp any others into that range, so no window ever reads or writes outside its frame.
     """
     geo = _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w)
     b, f, seq, _ = q.shape
