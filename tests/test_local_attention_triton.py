@@ -148,11 +148,13 @@ def test_custom_op_traces_under_torch_compile(device):
 
 
 def test_opcheck_forward_op(device):
-    q, k, v = (torch.randn(1, 16, 1, 16, device=device) for _ in range(3))
+    """Schema, fake kernel, autograd registration and AOT dispatch (forward + backward through the registered
+    backward op), on a 3 x 5 x 3 grid with 1 x 2 x 2 tiles (ragged in y and x)."""
+    q, k, v = (torch.randn(1, 45, 2, 16, device=device, requires_grad=True) for _ in range(3))
     torch.library.opcheck(
         torch.ops.fastvmt.local_attention_fwd.default,
-        (q, k, v, [1, 4, 4], [1, 4, 4], [1, 1, 1], 0.25),
-        test_utils=("test_schema", "test_faketensor"),
+        (q, k, v, [3, 5, 3], [1, 2, 2], [1, 1, 1], 0.25),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"),
     )
 
 
