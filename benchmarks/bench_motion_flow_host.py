@@ -19,6 +19,7 @@ import torch
 
 from _results import DRY_ENV, OUT_ENV, RESULTS_DIR, write_table
 from fastvmt_kernels import motion_flow
+from fastvmt_kernels.motion_flow import make_pairs
 from fastvmt_kernels.motion_flow import op as flow_op
 
 LAUNCHED_KERNELS = ("_coarse_kernel", "_fine_fwd_kernel", "_fine_bwd_kernel")
@@ -39,7 +40,7 @@ def host_ms_per_step(steps: int) -> float:
     """Median over REPEATS of the mean host milliseconds per step (kernel launches are no-ops)."""
     q, k = (torch.randn(1, FRAMES, FRAME[0] * FRAME[1], DIM, device=DEVICE).requires_grad_() for _ in range(2))
     kwargs = dict(tile=TILE, window=WINDOW, span=SPAN, backend="triton")
-    grad = torch.randn(1, flow_op.make_pairs(FRAMES, SPAN).shape[0], FRAME[0] * FRAME[1], 2, device=DEVICE)
+    grad = torch.randn(1, make_pairs(FRAMES, SPAN).shape[0], FRAME[0] * FRAME[1], 2, device=DEVICE)
 
     def step():
         flow, _ = motion_flow(q, k, FRAME, **kwargs)
@@ -75,7 +76,7 @@ def test_host_time_per_step(monkeypatch):
         os.environ[OUT_ENV] = str(RESULTS_DIR)  # a deliverable on CPU too (dry runs go to a temp dir)
     notes = [
         f"one step = motion_flow + autograd.grad with the Triton launches ({', '.join(LAUNCHED_KERNELS)}) as no-ops",
-        f"B=1, F={FRAMES} ({flow_op.make_pairs(FRAMES, SPAN).shape[0]} pairs), frame {FRAME}, D={DIM}, tile {TILE}, "
+        f"B=1, F={FRAMES} ({make_pairs(FRAMES, SPAN).shape[0]} pairs), frame {FRAME}, D={DIM}, tile {TILE}, "
         f"window {WINDOW}, span {SPAN}; {DEVICE} tensors, 1 intra-op thread; median of {REPEATS} means over "
         f"{10 if DRY else STEPS} steps after {WARMUP} warm-up steps",
     ]

@@ -10,7 +10,7 @@ leaves the frame and always holds ``l_y * l_x`` distinct keys).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, NamedTuple, Sequence, Tuple, Union
 
 import torch
 
@@ -34,23 +34,51 @@ def _as_positive_pair(value: Union[int, Sequence[int]], name: str, allow_int: bo
     return items  # type: ignore[return-value]
 
 
-# Device copies of the pair table per (num_frames, span, device): building it on the host and copying it to a GPU
-# every call would be a blocking host-to-device copy (a stream synchronisation) in every motion-flow step.
-_PAIRS_ON_DEVICE: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
+class PairTable(NamedTuple):
+    """The frame pairs of one (num_frames, span) on one device, in the layouts the kernels and references read.
+
+    pairs: (P, 2) int64 (i, j); pair_i, pair_j: (P,) int32; offsets: (F + 1,) int32, the pairs of frame i are rows
+    offsets[i] .. offsets[i + 1] - 1 (pairs are ordered by i, then j).
+    """
+
+    pairs: torch.Tensor
+    pair_i: torch.Tensor
+    pair_j: torch.Tensor
+    offsets: torch.Tensor
+
+
+# One table per (num_frames, span, device): built on the host and copied once, so that a motion-flow step on a GPU
+# needs no host-to-device copy (a pageable copy would synchronise the host with the GPU every call).
+_PAIR_TABLES: Dict[Tuple[int, int, torch.device], PairTable] = {}
+
+
+def pair_table(num_frames: int, span: int, device: Union[torch.device, str, None] = None) -> PairTable:
+    """The cached :class:`PairTable` of all (i, j), 0 <= i < F, i <= j < min(F, i + span), on ``device``.
+
+    The tensors are shared between callers: treat them as read-only (:func:`make_pairs` returns a copy).
+    """
+    key = (int(num_frames), int(span), torch.device(device if device is not None else "cpu"))
+    table = _PAIR_TABLES.get(key)
+    if table is None:
+        rows = [(i, j) for i in range(num_frames) for j in range(i, min(num_frames, i + span))]
+        offsets = [0]
+        for i in range(num_frames):
+            offsets.append(offsets[-1] + min(num_frames, i + span) - i)
+        pairs = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
+        table = PairTable(
+            pairs.to(key[2]), pairs[:, 0].to(torch.int32).to(key[2]), pairs[:, 1].to(torch.int32).to(key[2]),
+            torch.tensor(offsets, dtype=torch.int32).to(key[2]),
+        )
+        _PAIR_TABLES[key] = table
+    return table
 
 
 def make_pairs(num_frames: int, span: int, device: Union[torch.device, str, None] = None) -> torch.Tensor:
     """(P, 2) int64 frame pairs (i, j), 0 <= i < F, i <= j < min(F, i + span), ordered by i then j.
 
-    Returns a fresh tensor each call (a device-side copy of a cached table: no host synchronisation on CUDA).
+    A fresh tensor each call (a device-side copy of the cached :func:`pair_table`: no host synchronisation).
     """
-    key = (int(num_frames), int(span), torch.device(device if device is not None else "cpu"))
-    table = _PAIRS_ON_DEVICE.get(key)
-    if table is None:
-        rows = [(i, j) for i in range(num_frames) for j in range(i, min(num_frames, i + span))]
-        table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2).to(key[2])
-        _PAIRS_ON_DEVICE[key] = table
-    return table.clone()
+    return pair_table(num_frames, span, device).pairs.clone()
 
 
 @dataclass(frozen=True)

@@ -3,19 +3,19 @@
 ``fastvmt::motion_flow_fwd(q, k, given_windows, span, <geometry>, temperature) -> (flow, windows, lse)`` and
 ``fastvmt::motion_flow_bwd(grad_flow, q, k, windows, flow, lse, span, <geometry>, temperature) -> (dq, dk)``; the
 forward registers the backward through ``register_autograd`` so the op is differentiable and traceable by
-torch.compile. The pairs are ``make_pairs(F, span)``, read by the kernels from a :class:`PairTable` cached per
+torch.compile. The pairs are ``make_pairs(F, span)``, read by the kernels from the :class:`PairTable` cached per
 device, so a step queues its kernels without any host synchronisation. The launchers take preallocated outputs so
 tests can poison them.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 
-from .geometry import FlowGeometry, make_pairs
+from .geometry import FlowGeometry, PairTable, make_pairs, pair_table
 from .kernels import (
     COARSE_BLOCK_M,
     COARSE_BLOCK_N,
@@ -51,42 +51,6 @@ def _tile_groups(geo: FlowGeometry, group: Tuple[int, int]) -> Tuple[Tuple[int, 
     group = (min(group[0], ny), min(group[1], nx))
     n_groups_x = -(-nx // group[1])
     return group, _block_q(geo, group), n_groups_x, -(-ny // group[0]) * n_groups_x
-
-
-class PairTable(NamedTuple):
-    """The frame pairs of one (num_frames, span) on one device, as the kernels read them.
-
-    pairs: (P, 2) int64 (i, j); pair_i, pair_j: (P,) int32; offsets: (F + 1,) int32, the pairs of frame i are rows
-    offsets[i] .. offsets[i + 1] - 1 (pairs are ordered by i).
-    """
-
-    pairs: Tensor
-    pair_i: Tensor
-    pair_j: Tensor
-    offsets: Tensor
-
-
-_PAIR_TABLES: Dict[Tuple[int, int, torch.device], PairTable] = {}
-
-
-def pair_table(num_frames: int, span: int, device) -> PairTable:
-    """The cached :class:`PairTable` of ``make_pairs(num_frames, span)`` on ``device``.
-
-    Built on the host and copied once per (num_frames, span, device): per call it costs no device work and no
-    host synchronisation. The tensors are shared: treat them as read-only.
-    """
-    key = (int(num_frames), int(span), torch.device(device))
-    table = _PAIR_TABLES.get(key)
-    if table is None:
-        pairs = make_pairs(num_frames, span)
-        counts = torch.bincount(pairs[:, 0], minlength=num_frames)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
-        table = PairTable(
-            pairs.to(key[2]), pairs[:, 0].to(torch.int32).to(key[2]), pairs[:, 1].to(torch.int32).to(key[2]),
-            offsets.to(torch.int32).to(key[2]),
-        )
-        _PAIR_TABLES[key] = table
-    return table
 
 
 def launch_coarse(
@@ -244,4 +208,4 @@ def motion_flow_triton(
     flow, windows, _ = motion_flow_fwd(
         q.contiguous(), k.contiguous(), windows, int(span), *geo.frame, *geo.tile, *geo.window, float(temperature)
     )
-    return flow, pair_table(q.shape[1], span, q.device).pairs.clone(), windows
+    return flow, make_pairs(q.shape[1], span, q.device), windows
