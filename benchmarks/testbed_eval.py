@@ -13,7 +13,6 @@ import argparse
 import csv
 import datetime as dt
 import math
-import os
 import shlex
 import sys
 import time

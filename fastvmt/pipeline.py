@@ -399,10 +399,6 @@ class FastVMTPipeline(WanPipeline):
         self._interrupt = False
         device = self._execution_device
         dtype = self.transformer.dtype
-        if prompt is not None:
-            batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt=prompt,
             negative_prompt=negative_prompt,

@@ -290,7 +290,7 @@ def test_fused_step_never_synchronises_the_host(device):
 
 
 def test_launchers_overwrite_poisoned_buffers(device):
-    frame, geo = (5, 7), FlowGeometry.create((5, 7), (2, 3), 3)
+    geo = FlowGeometry.create((5, 7), (2, 3), 3)
     q, k = [t.detach().contiguous() for t in _inputs((1, 3, 35, 16), torch.float32, device)]
     table = flow_op.pair_table(3, 2, device)
     assert torch.equal(table.pairs.cpu(), make_pairs(3, 2))
