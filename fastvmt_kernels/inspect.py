@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 # Modules that define Triton kernels; each exposes ``inspect_specs() -> list[KernelSpec]``.
 KERNEL_MODULES = (
@@ -44,6 +44,7 @@ class KernelSpec:
         divisible: names of pointer / integer arguments the GPU JIT would mark divisible by 16.
         num_warps, num_stages: launch options, as the GPU path uses them.
         expects_mma: the kernel multiplies tiles with tl.dot, so HGMMA must appear in SASS.
+        max_registers: the ``maxnreg`` launch option (register cap per thread), None for ptxas's choice.
     """
 
     name: str
@@ -54,6 +55,7 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     expects_mma: bool = True
+    max_registers: Optional[int] = None
 
 
 def _nvidia_bin() -> str:
@@ -74,9 +76,10 @@ def compile_spec(spec: KernelSpec) -> Dict[str, Any]:
         raise ValueError(f"{spec.name}: signature must name every argument exactly; mismatch on {sorted(unknown)}")
     attrs = {(names.index(n),): [["tt.divisibility", DIVISIBILITY]] for n in spec.divisible}
     src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    kernel = triton.compile(
-        src, target=GPUTarget(*HOPPER), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-    )
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if spec.max_registers is not None:
+        options["maxnreg"] = spec.max_registers
+    kernel = triton.compile(src, target=GPUTarget(*HOPPER), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:

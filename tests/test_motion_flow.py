@@ -107,6 +107,22 @@ def test_triton_half_precision_matches_reference_with_same_windows(device, dtype
         assert_rel_close(got.float(), want.float(), REL_TOL[dtype], label)
 
 
+@pytest.mark.parametrize("dim", [48, 80, 144])
+def test_triton_head_dims_that_are_not_powers_of_two(device, dim):
+    """The Triton backend accepts any multiple of 16 up to 256: the kernels pad the head dim to a power of two and
+    mask the extra channels (loads, the dq store and the dk atomics)."""
+    frame, tile, window, span = (5, 7), (2, 3), 3, 2
+    q, k = _inputs((1, 3, 35, dim), torch.float32, device)
+    kwargs = dict(tile=tile, window=window, span=span, temperature=1.5)
+    grad = torch.randn(1, 5, 35, 2, device=device)
+    _, _, windows = motion_flow(q, k, frame, backend="torch", return_windows=True, **kwargs)
+    tri = _flow_and_grads(lambda a, b: motion_flow(a, b, frame, backend="triton", **kwargs)[0], q, k, grad)
+    ref = _flow_and_grads(lambda a, b: motion_flow(a, b, frame, backend="torch", **kwargs)[0], q, k, grad)
+    assert torch.equal(motion_flow(q, k, frame, backend="triton", return_windows=True, **kwargs)[2], windows)
+    for label, got, want in zip(("flow", "dq", "dk"), tri, ref):
+        assert_rel_close(got, want, 1e-5, f"D={dim} {label}")
+
+
 def test_window_covering_frame_is_dense_global_soft_argmax(device):
     frame = (4, 5)
     q, k = _inputs((1, 3, 20, 16), torch.float32, device)

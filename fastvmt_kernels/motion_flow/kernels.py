@@ -46,6 +46,12 @@ NUM_STAGES = 2
 # (64 slots, 8 warps). (1, 1) is one tile per program.
 BWD_TILE_GROUP = (2, 1)
 FWD_TILE_GROUP = (2, 1)
+# Register cap of the fine-pass programs (ptxas's .maxnreg; None = ptxas's choice). Uncapped at 4 warps, ptxas
+# takes 177 (forward) and 255 (backward) registers, so only 2 programs (8 warps) share an SM to hide the gather and
+# atomic latencies; capped at 128 both compile spill-free (python -m fastvmt_kernels.inspect) and 3-4 programs fit.
+# The fused_..._r128 ablation rows of benchmarks/bench_motion_flow.py measure both side by side on a GPU.
+FINE_MAX_REGISTERS = None
+CAPPED_MAX_REGISTERS = 128  # the capped configuration the compile report checks
 # Finite start of the online max: a key block holding no key of a query's window leaves that query's state unchanged.
 MAX_FLOOR = tl.constexpr(-1.0e30)
 WIDE_BLOCK_Q = 64  # fine-pass programs with at least this many query slots run WIDE_NUM_WARPS warps
@@ -58,13 +64,29 @@ def fine_num_warps(block_q: int) -> int:
 
 
 @triton.jit
+def _with_dims(row_ok, offs_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DIMS_AXIS: tl.constexpr):
+    """2-D load/store mask of tokens x head-dim channels, the channels along axis ``DIMS_AXIS`` (0 or 1): the
+    tokens' ``row_ok`` and, only when the head dim is padded to the power of two ``D_PAD``, the real channels."""
+    if DIMS_AXIS == 0:
+        mask = row_ok[None, :]
+        if D_PAD != HEAD_DIM:
+            mask = mask & (offs_d[:, None] < HEAD_DIM)
+    else:
+        mask = row_ok[:, None]
+        if D_PAD != HEAD_DIM:
+            mask = mask & (offs_d[None, :] < HEAD_DIM)
+    return mask
+
+
+@triton.jit
 def _coarse_kernel(
     q_ptr, k_ptr, pair_i_ptr, pair_j_ptr, win_ptr,
     stride_qb, stride_qf, stride_qs,
     stride_kb, stride_kf, stride_ks,
     stride_wb, stride_wp, stride_wn,
     n_tiles, n_tiles_x, frame_h, frame_w, tile_h, tile_w, seq, half_y, half_x, max_oy, max_ox, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Window origins of BLOCK_M tiles for one (pair, batch): online soft-argmax over all keys of frame j.
 
@@ -78,19 +100,20 @@ def _coarse_kernel(
     fi = tl.load(pair_i_ptr + pair).to(tl.int64)
     fj = tl.load(pair_j_ptr + pair).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < n_tiles
     top = (offs_m // n_tiles_x) * tile_h
     left = (offs_m % n_tiles_x) * tile_w
     q_base = q_ptr + b * stride_qb + fi * stride_qf
-    q_sum = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    q_sum = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     count = tl.zeros([BLOCK_M], tl.float32)
     for slot in range(0, tile_h * tile_w):
         y = top + slot // tile_w
         x = left + slot % tile_w
         ok = row_ok & (y < frame_h) & (x < frame_w)
         rows = tl.where(ok, y * frame_w + x, 0).to(tl.int64)
-        q_rows = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=ok[:, None], other=0.0)
+        q_mask = _with_dims(ok, offs_d, HEAD_DIM, D_PAD, 1)
+        q_rows = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
         q_sum += q_rows.to(tl.float32)
         count += ok.to(tl.float32)
     q = (q_sum / tl.maximum(count, 1.0)[:, None]).to(q_ptr.dtype.element_ty)
@@ -104,7 +127,7 @@ def _coarse_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         key_ok = offs_n < seq
         kt_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_ks + offs_d[:, None]
-        kt = tl.load(kt_ptrs, mask=key_ok[None, :], other=0.0)  # (D, BLOCK_N)
+        kt = tl.load(kt_ptrs, mask=_with_dims(key_ok, offs_d, HEAD_DIM, D_PAD, 0), other=0.0)  # (D, BLOCK_N)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -184,8 +207,8 @@ def _fine_fwd_kernel(
     stride_fb, stride_fp, stride_fs,
     stride_lb, stride_lp,
     n_groups_x, n_tiles_x, frame_h, frame_w, tile_h, tile_w, win_h, win_w, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, GROUP_Y: tl.constexpr, GROUP_X: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP_Y: tl.constexpr, GROUP_X: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Flow and base-2 log-sum-exp of one group of tiles' queries for one (pair, batch).
 
@@ -202,9 +225,10 @@ def _fine_fwd_kernel(
     qy, qx, q_tok, q_tile, q_ok = _group_queries(
         group, n_groups_x, n_tiles_x, frame_h, frame_w, tile_h, tile_w, GROUP_Y, GROUP_X, BLOCK_Q
     )
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, D_PAD)
     q_base = q_ptr + b * stride_qb + fi * stride_qf
-    qt = tl.load(q_base + q_tok[None, :].to(tl.int64) * stride_qs + offs_d[:, None], mask=q_ok[None, :], other=0.0)
+    qt = tl.load(q_base + q_tok[None, :].to(tl.int64) * stride_qs + offs_d[:, None],
+                 mask=_with_dims(q_ok, offs_d, HEAD_DIM, D_PAD, 0), other=0.0)
     w_ptrs = win_ptr + b * stride_wb + pair * stride_wp + q_tile.to(tl.int64) * stride_wn
     oy, ox, box_y, box_x, box_w, n_box = _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w)
     k_base = k_ptr + b * stride_qb + fj * stride_qf
@@ -215,7 +239,8 @@ def _fine_fwd_kernel(
     sum_x = tl.zeros([BLOCK_Q], tl.float32)
     for start in range(0, n_box, BLOCK_N):
         ky, kx, k_tok, k_ok = _window_keys(start, box_y, box_x, box_w, n_box, frame_w, BLOCK_N)
-        kb = tl.load(k_base + k_tok[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        kb = tl.load(k_base + k_tok[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
+                     mask=_with_dims(k_ok, offs_d, HEAD_DIM, D_PAD, 1), other=0.0)
         s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_N keys, BLOCK_Q queries)
         s = tl.where(_in_own_window(ky, kx, k_ok, oy, ox, q_ok, win_h, win_w), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
@@ -242,8 +267,8 @@ def _fine_bwd_kernel(
     stride_lb, stride_lp,
     stride_gb, stride_gp, stride_gs,
     n_groups_x, n_tiles_x, frame_h, frame_w, tile_h, tile_w, win_h, win_w, qk_scale_log2, ds_scale,
-    HEAD_DIM: tl.constexpr, GROUP_Y: tl.constexpr, GROUP_X: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP_Y: tl.constexpr, GROUP_X: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dq of one group of tiles of frame i (all pairs of i, written once) and its atomic dk contributions.
 
@@ -259,12 +284,13 @@ def _fine_bwd_kernel(
         group, n_groups_x, n_tiles_x, frame_h, frame_w, tile_h, tile_w, GROUP_Y, GROUP_X, BLOCK_Q
     )
     q_tok64 = q_tok.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, D_PAD)
     q_base = b * stride_qb + fi * stride_qf
-    qt = tl.load(q_ptr + q_base + q_tok64[None, :] * stride_qs + offs_d[:, None], mask=q_ok[None, :], other=0.0)
+    q_mask = _with_dims(q_ok, offs_d, HEAD_DIM, D_PAD, 0)  # (D_PAD, BLOCK_Q)
+    qt = tl.load(q_ptr + q_base + q_tok64[None, :] * stride_qs + offs_d[:, None], mask=q_mask, other=0.0)
     qy_f = qy.to(tl.float32)
     qx_f = qx.to(tl.float32)
-    dqt = tl.zeros([HEAD_DIM, BLOCK_Q], tl.float32)
+    dqt = tl.zeros([D_PAD, BLOCK_Q], tl.float32)
     pair_lo = tl.load(pair_off_ptr + fi).to(tl.int64)
     num_pairs = tl.load(pair_off_ptr + fi + 1) - tl.load(pair_off_ptr + fi)
     for step in range(0, num_pairs):
@@ -283,7 +309,8 @@ def _fine_bwd_kernel(
         for start in range(0, n_box, BLOCK_N):
             ky, kx, k_tok, k_ok = _window_keys(start, box_y, box_x, box_w, n_box, frame_w, BLOCK_N)
             k_offs = k_base + k_tok[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-            kb = tl.load(k_ptr + k_offs, mask=k_ok[:, None], other=0.0)
+            k_mask = _with_dims(k_ok, offs_d, HEAD_DIM, D_PAD, 1)
+            kb = tl.load(k_ptr + k_offs, mask=k_mask, other=0.0)
             s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2
             inside = _in_own_window(ky, kx, k_ok, oy, ox, q_ok, win_h, win_w)
             p = tl.where(inside, tl.exp2(s - lse[None, :]), 0.0)
@@ -292,10 +319,10 @@ def _fine_bwd_kernel(
             ds = (p * dpos * ds_scale).to(kb.dtype)  # (BLOCK_N keys, BLOCK_Q queries)
             dqt += tl.dot(tl.trans(kb), ds, input_precision=DOT_PRECISION)
             dkb = tl.dot(ds, tl.trans(qt), input_precision=DOT_PRECISION)
-            tl.atomic_add(dk_ptr + k_offs, dkb, mask=k_ok[:, None], sem="relaxed")
+            tl.atomic_add(dk_ptr + k_offs, dkb, mask=k_mask, sem="relaxed")
 
     dq_ptrs = dq_ptr + q_base + q_tok64[None, :] * stride_qs + offs_d[:, None]
-    tl.store(dq_ptrs, dqt.to(dq_ptr.dtype.element_ty), mask=q_ok[None, :])
+    tl.store(dq_ptrs, dqt.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,70 +333,63 @@ _INSPECT_TILE_SLOTS = 12  # Wan's 3 x 4 tiles
 
 
 def inspect_specs():
-    """GPU configurations (bf16, D = 128, 3 x 4 tiles) of the three kernels for the compile report."""
+    """GPU configurations (bf16, D = 128, 3 x 4 tiles) of the three kernels for the compile report: the defaults,
+    and the fine passes capped at CAPPED_MAX_REGISTERS (the benchmark's _r ablations), which must not spill."""
     from ..inspect import KernelSpec
-
-    block_q = max(MIN_BLOCK_Q, triton.next_power_of_2(_INSPECT_TILE_SLOTS))
 
     def sig(fn, types):
         return {name: types.get(name, "i32") for name in fn.arg_names}
 
+    def slots(group):
+        return max(MIN_BLOCK_Q, triton.next_power_of_2(group[0] * group[1] * _INSPECT_TILE_SLOTS))
+
+    dims = {"HEAD_DIM": "constexpr", "D_PAD": "constexpr", "BLOCK_N": "constexpr", "DOT_PRECISION": "constexpr"}
+    fine_blocks = {"BLOCK_Q": "constexpr", "GROUP_Y": "constexpr", "GROUP_X": "constexpr"}
     coarse = sig(
         _coarse_kernel,
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "pair_i_ptr": "*i32", "pair_j_ptr": "*i32", "win_ptr": "*i64",
-         "qk_scale_log2": "fp32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-         "DOT_PRECISION": "constexpr"},
+         "qk_scale_log2": "fp32", "BLOCK_M": "constexpr", **dims},
     )
     fwd = sig(
         _fine_fwd_kernel,
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "pair_i_ptr": "*i32", "pair_j_ptr": "*i32", "win_ptr": "*i64",
-         "flow_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale_log2": "fp32", "HEAD_DIM": "constexpr",
-         "BLOCK_Q": "constexpr", "BLOCK_N": "constexpr", "DOT_PRECISION": "constexpr", "GROUP_Y": "constexpr",
-         "GROUP_X": "constexpr"},
+         "flow_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale_log2": "fp32", **dims, **fine_blocks},
     )
     bwd = sig(
         _fine_bwd_kernel,
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "pair_j_ptr": "*i32", "pair_off_ptr": "*i32", "win_ptr": "*i64",
          "flow_ptr": "*fp32", "lse_ptr": "*fp32", "dflow_ptr": "*fp32", "dq_ptr": "*bf16", "dk_ptr": "*fp32",
-         "qk_scale_log2": "fp32", "ds_scale": "fp32", "HEAD_DIM": "constexpr", "BLOCK_Q": "constexpr",
-         "BLOCK_N": "constexpr", "DOT_PRECISION": "constexpr", "GROUP_Y": "constexpr", "GROUP_X": "constexpr"},
+         "qk_scale_log2": "fp32", "ds_scale": "fp32", **dims, **fine_blocks},
     )
-    fine_constexprs = {"HEAD_DIM": _INSPECT_DIM, "BLOCK_Q": block_q, "BLOCK_N": FINE_BLOCK_N, "DOT_PRECISION": "tf32"}
-    def slots(group):
-        return max(MIN_BLOCK_Q, triton.next_power_of_2(group[0] * group[1] * _INSPECT_TILE_SLOTS))
-
-    bwd_block_q = slots(BWD_TILE_GROUP)
-    bwd_constexprs = dict(fine_constexprs, BLOCK_Q=bwd_block_q, GROUP_Y=BWD_TILE_GROUP[0], GROUP_X=BWD_TILE_GROUP[1])
-    fwd_block_q = slots(FWD_TILE_GROUP)
-    fwd_constexprs = dict(fine_constexprs, BLOCK_Q=fwd_block_q, GROUP_Y=FWD_TILE_GROUP[0], GROUP_X=FWD_TILE_GROUP[1])
     ptr_names = lambda s: [n for n, t in s.items() if t.startswith("*")]  # noqa: E731
-    return [
+    dim_constexprs = {"HEAD_DIM": _INSPECT_DIM, "D_PAD": _INSPECT_DIM, "DOT_PRECISION": "tf32"}
+    specs = [
         KernelSpec(
             "motion_flow_coarse bf16 d128",
             _coarse_kernel,
             coarse,
-            {"HEAD_DIM": _INSPECT_DIM, "BLOCK_M": COARSE_BLOCK_M, "BLOCK_N": COARSE_BLOCK_N, "DOT_PRECISION": "tf32"},
+            dict(dim_constexprs, BLOCK_M=COARSE_BLOCK_M, BLOCK_N=COARSE_BLOCK_N),
             divisible=ptr_names(coarse)
             + ["stride_qb", "stride_qf", "stride_qs", "stride_kb", "stride_kf", "stride_ks"],
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
-        ),
-        KernelSpec(
-            f"motion_flow_fine_fwd bf16 d128 tile3x4 group{FWD_TILE_GROUP[0]}x{FWD_TILE_GROUP[1]}",
-            _fine_fwd_kernel,
-            fwd,
-            fwd_constexprs,
-            divisible=ptr_names(fwd) + ["stride_qb", "stride_qf", "stride_qs"],
-            num_warps=fine_num_warps(fwd_block_q),
-            num_stages=NUM_STAGES,
-        ),
-        KernelSpec(
-            f"motion_flow_fine_bwd bf16 d128 tile3x4 group{BWD_TILE_GROUP[0]}x{BWD_TILE_GROUP[1]}",
-            _fine_bwd_kernel,
-            bwd,
-            bwd_constexprs,
-            divisible=ptr_names(bwd) + ["stride_qb", "stride_qf", "stride_qs"],
-            num_warps=fine_num_warps(bwd_block_q),
-            num_stages=NUM_STAGES,
-        ),
+        )
     ]
+    fine = (("fwd", _fine_fwd_kernel, fwd, FWD_TILE_GROUP), ("bwd", _fine_bwd_kernel, bwd, BWD_TILE_GROUP))
+    for cap in (FINE_MAX_REGISTERS, CAPPED_MAX_REGISTERS):
+        for label, fn, signature, group in fine:
+            block_q = slots(group)
+            specs.append(
+                KernelSpec(
+                    f"motion_flow_fine_{label} bf16 d128 tile3x4 group{group[0]}x{group[1]}"
+                    + (f" maxnreg{cap}" if cap is not None else ""),
+                    fn,
+                    signature,
+                    dict(dim_constexprs, BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N, GROUP_Y=group[0], GROUP_X=group[1]),
+                    divisible=ptr_names(signature) + ["stride_qb", "stride_qf", "stride_qs"],
+                    num_warps=fine_num_warps(block_q),
+                    num_stages=NUM_STAGES,
+                    max_registers=cap,
+                )
+            )
+    return specs
