@@ -15,12 +15,15 @@ Phases (median of REPEATS after one warm-up, CUDA-synchronised wall clock):
 
 Variants: plain generation; the ditflow recipe; the fastvmt recipe; fastvmt + local attention in the guidance passes;
 fastvmt + local attention everywhere (``fastvmt.apply_local_attention`` defaults: tile (3, 10, 4), window (5, 2, 7),
-25.6% of the query-key pairs). Guidance runs with gradient checkpointing of the truncated blocks (the no-checkpoint
-peak memory of one gradient iteration is measured separately). A last row re-composes the fastvmt row's phase
-times for gradient reuse with k = 5 carried across steps (the testbed recipe's setting).
+25.6% of the query-key pairs). Guidance runs with ``gradient_checkpointing="auto"``, what users get (column
+``checkpointing``: at this size on an 80 GB GPU it picks no checkpointing); for the fastvmt row one gradient
+computation is also timed with the other setting (``*_other_ckpt``). The last rows re-compose the measured phase
+times of the fastvmt, fastvmt + local(guidance) and fastvmt + local(all) rows for gradient reuse with k = 5 carried
+across steps (the testbed recipe's setting: G + 1 gradient iterations instead of 4 G).
 
-A last test runs whole ``pipe(...)`` calls, plain and FastVMT, on a shorter schedule (20 steps, 4 guided) and
-compares their wall time with the total composed from this run's phase rows (results/pipeline_end_to_end).
+A last test runs whole ``pipe(...)`` calls on a shorter schedule (15 steps, 3 guided: the same 20% guided fraction)
+-- plain, FastVMT, and FastVMT with k = 5 carried + local attention everywhere -- and compares their wall time with
+the total composed from this run's phase rows (results/pipeline_end_to_end).
 
 Per-video totals are composed from the schedule (text encoding excluded), N = 50 steps, G = 10 guided steps:
 plain = N*denoise + decode; ditflow = encode + 1*reference (fixed clean reference, computed once) + G*5*gradient +
@@ -70,7 +73,13 @@ REUSE_REPEATS = 5
 
 VARIANTS = ("plain", "ditflow", "fastvmt", "fastvmt+local(guidance)", "fastvmt+local(all)")
 CARRIED_REUSE_INTERVAL = 5
-CARRIED_VARIANT = f"fastvmt(k={CARRIED_REUSE_INTERVAL} carried, composed)"
+CARRIED_SETTINGS = dict(reuse_interval=CARRIED_REUSE_INTERVAL, carry_gradient_across_steps=True)
+# Measured row -> the same phase times composed for k = 5 carried across steps.
+CARRIED_ROWS = {
+    "fastvmt": f"fastvmt(k={CARRIED_REUSE_INTERVAL} carried, composed)",
+    "fastvmt+local(guidance)": f"fastvmt(k={CARRIED_REUSE_INTERVAL} carried)+local(guidance), composed",
+    "fastvmt+local(all)": f"fastvmt(k={CARRIED_REUSE_INTERVAL} carried)+local(all), composed",
+}
 RESULTS: Dict[str, Dict[str, object]] = {}
 SHARED: Dict[str, float] = {}
 
@@ -155,7 +164,7 @@ def bench():
 def _config(recipe: str, **extra):
     from fastvmt import MotionTransferConfig
 
-    settings = dict(recipe=recipe, motion_block=MOTION_BLOCK, guided_steps=GUIDED_STEPS, gradient_checkpointing=True)
+    settings = dict(recipe=recipe, motion_block=MOTION_BLOCK, guided_steps=GUIDED_STEPS)
     if recipe == "fastvmt":
         settings.update(MOTION)
     settings.update(extra)
@@ -201,6 +210,8 @@ def _measure(bench, variant: str) -> Dict[str, object]:
                     ref = pipe.reference_flow(bench["reference"], noise, ref_sigma, embeds["ref"], config)
                 loss_fn = pipe.guidance_loss_fn(ref, t.expand(1), embeds["pos"], config)
                 master = bench["latents"].float().clone()
+                with torch.enable_grad():  # what "auto" resolves to for a gradient pass on this latent
+                    row["checkpointing"] = pipe.use_gradient_checkpointing(master.to(DTYPE), config)
                 moments = [torch.zeros_like(master), torch.zeros_like(master)]
                 cached = {}
 
@@ -219,7 +230,7 @@ def _measure(bench, variant: str) -> Dict[str, object]:
             row["reference_passes"] = 1 if config.reference_is_fixed else GUIDED_STEPS
         row["peak_gib"] = _peak_gib()
         if variant == "fastvmt":
-            row.update(_gradient_without_checkpointing(pipe, ref, t, embeds["pos"], config, master))
+            row.update(_gradient_other_checkpointing(pipe, ref, t, embeds["pos"], config, master, row["checkpointing"]))
     except torch.cuda.OutOfMemoryError as exc:  # keep the other variants' numbers
         row["error"] = f"OOM: {str(exc).splitlines()[0]}"
     finally:
@@ -227,20 +238,22 @@ def _measure(bench, variant: str) -> Dict[str, object]:
     return row
 
 
-def _gradient_without_checkpointing(pipe, ref, t, prompt_embeds, config, master) -> Dict[str, object]:
-    """Time and peak memory of one gradient computation with gradient_checkpointing=False (may not fit)."""
+def _gradient_other_checkpointing(pipe, ref, t, prompt_embeds, config, master, used: bool) -> Dict[str, object]:
+    """Time and peak memory of one gradient computation (no AdamW step) with the checkpointing setting the row did
+    not use (without it, it may not fit)."""
     from fastvmt.guidance import latent_gradient
     from fastvmt.processors import attention_phase
 
-    loss_fn = pipe.guidance_loss_fn(ref, t.expand(1), prompt_embeds, config.replace(gradient_checkpointing=False))
+    other = not used
+    loss_fn = pipe.guidance_loss_fn(ref, t.expand(1), prompt_embeds, config.replace(gradient_checkpointing=other))
     _reset_peak()
     try:
         with attention_phase("guidance"):
             seconds = timed(lambda: latent_gradient(loss_fn, master), repeats=1)
-        return {"gradient_iter_no_ckpt_s": seconds, "peak_gib_no_ckpt": _peak_gib()}
+        return {"other_ckpt": other, "gradient_iter_other_ckpt_s": seconds, "peak_gib_other_ckpt": _peak_gib()}
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return {"peak_gib_no_ckpt": "OOM"}
+        return {"other_ckpt": other, "peak_gib_other_ckpt": "OOM"}
 
 
 def _schedule_counts(config) -> Tuple[int, int]:
@@ -249,11 +262,12 @@ def _schedule_counts(config) -> Tuple[int, int]:
     return gradients, config.guided_steps * config.inner_iters - gradients
 
 
-def carried_row(fastvmt_row: Dict[str, object]) -> Dict[str, object]:
-    """The fastvmt row re-composed for k = 5 carried across steps (the testbed's reuse setting): same phase times."""
-    config = _config("fastvmt", reuse_interval=CARRIED_REUSE_INTERVAL, carry_gradient_across_steps=True)
-    row = {k: v for k, v in fastvmt_row.items() if "no_ckpt" not in k}
-    row["variant"] = CARRIED_VARIANT
+def carried_row(measured: Dict[str, object], name: str) -> Dict[str, object]:
+    """A measured fastvmt row re-composed for k = 5 carried across steps (the testbed's reuse setting): same phase
+    times, the schedule's gradient / reuse iteration counts."""
+    config = _config("fastvmt", **CARRIED_SETTINGS)
+    row = {k: v for k, v in measured.items() if "other_ckpt" not in k}
+    row["variant"] = name
     row["gradient_passes"], row["reuse_iters"] = _schedule_counts(config)
     compose_totals(row)
     return row
@@ -295,41 +309,60 @@ def test_write_results():
     assert write_results()[0].exists()
 
 
-E2E_STEPS, E2E_GUIDED = (2, 1) if DRY else (20, 4)
+E2E_STEPS, E2E_GUIDED = (2, 1) if DRY else (15, 3)
+E2E_FAST = f"fastvmt(k={CARRIED_REUSE_INTERVAL} carried)+local(all)"
 
 
 def test_end_to_end_short_schedule(bench):
-    """Whole ``pipe(...)`` calls, plain and FastVMT, side by side, on a shorter schedule (E2E_STEPS steps, E2E_GUIDED
-    guided): the measured wall time against the total composed from this run's phase rows for that schedule, which
-    checks the per-video composition above. -> results/pipeline_end_to_end."""
+    """Whole ``pipe(...)`` calls side by side on a shorter schedule (E2E_STEPS steps, E2E_GUIDED guided): plain,
+    fastvmt, and fastvmt with k = 5 carried + local attention everywhere (when its phase row ran); the measured wall
+    time against the total composed from this run's phase rows for that schedule, which checks the per-video
+    composition above. -> results/pipeline_end_to_end."""
+    from fastvmt import apply_local_attention
+
     if "fastvmt" not in RESULTS or "error" in RESULTS["fastvmt"] or "plain" not in RESULTS:
         pytest.skip("needs the plain and fastvmt phase rows of this run")
     pipe, embeds = bench["pipe"], bench["embeds"]
     video = (bench["reference_video"] + 1) / 2  # (1, 3, F, H, W) in [-1, 1] -> (F, 3, H, W) in [0, 1]
     video = video[0].permute(1, 0, 2, 3).float().clamp(0, 1)
     config = _config("fastvmt", guided_steps=E2E_GUIDED)
+    fast_config = _config("fastvmt", guided_steps=E2E_GUIDED, **CARRIED_SETTINGS)
     common = dict(
         prompt_embeds=embeds["pos"], negative_prompt_embeds=embeds["neg"], height=HEIGHT, width=WIDTH,
         num_frames=FRAMES, num_inference_steps=E2E_STEPS, output_type="pt",
     )
+    guided = dict(reference_video=video, reference_prompt_embeds=embeds["ref"])
+    # (variant, phase row it is composed from, motion config, local attention phases)
+    runs = [("plain", "plain", None, None), ("fastvmt", "fastvmt", config, None)]
+    if "error" not in RESULTS.get("fastvmt+local(all)", {"error": "not run"}):
+        runs.append((E2E_FAST, "fastvmt+local(all)", fast_config, "both"))
     rows = []
-    for variant, extra in (("plain", {}), ("fastvmt", dict(reference_video=video, motion_config=config,
-                                                         reference_prompt_embeds=embeds["ref"]))):
-        _reset_peak()
-        generator = torch.Generator(device=DEVICE).manual_seed(0)
-        seconds = timed(lambda: pipe(generator=generator, **common, **extra), repeats=1, warmup=0)
-        phase = RESULTS[variant]
+    transformer = pipe.transformer
+    original = dict(transformer.attn_processors)
+    for variant, source, motion_config, local_phases in runs:
+        extra = {} if motion_config is None else dict(guided, motion_config=motion_config)
+        if local_phases is not None:
+            apply_local_attention(transformer, phases=local_phases, **LOCAL)
+        try:
+            _reset_peak()
+            generator = torch.Generator(device=DEVICE).manual_seed(0)
+            seconds = timed(lambda: pipe(generator=generator, **common, **extra), repeats=1, warmup=0)
+        finally:
+            transformer.set_attn_processor(dict(original))  # diffusers pops the entries of the dict it is given
+        phase = RESULTS[source]
         composed = E2E_STEPS * phase["denoise_step_s"] + SHARED["vae_decode_s"]
-        if variant == "fastvmt":
-            gradients = config.gradient_iterations
+        if motion_config is not None:
+            gradients = motion_config.gradient_iterations
             composed += (SHARED["vae_encode_s"] + E2E_GUIDED * phase["reference_pass_s"]
                          + gradients * phase["gradient_iter_s"]
-                         + (E2E_GUIDED * config.inner_iters - gradients) * phase["reuse_iter_s"])
+                         + (E2E_GUIDED * motion_config.inner_iters - gradients) * phase["reuse_iter_s"])
         rows.append({"variant": variant, "steps": E2E_STEPS, "guided_steps": E2E_GUIDED if extra else 0,
+                     "gradient_passes": motion_config.gradient_iterations if motion_config else 0,
                      "measured_s": seconds, "composed_s": composed, "measured_over_composed": seconds / composed,
                      "peak_gib": _peak_gib()})
-    rows.append({"variant": "fastvmt / plain", "measured_s": rows[1]["measured_s"] / rows[0]["measured_s"],
-                 "composed_s": rows[1]["composed_s"] / rows[0]["composed_s"]})
+    for row in rows[1:]:
+        rows.append({"variant": f"{row['variant']} / plain", "measured_s": row["measured_s"] / rows[0]["measured_s"],
+                     "composed_s": row["composed_s"] / rows[0]["composed_s"]})
     notes = [
         f"video {HEIGHT}x{WIDTH}x{FRAMES}, same components and prompt embeddings as results/pipeline (this run)",
         "measured_s: one whole pipe(...) call each (no warm-up; kernels already compiled by the phase tests), "
@@ -337,18 +370,22 @@ def test_end_to_end_short_schedule(bench):
         "composed_s: E2E_STEPS * denoise_step_s + vae_decode_s (+ for fastvmt: vae_encode_s + guided * "
         "reference_pass_s + gradient iterations * gradient_iter_s + reuse iterations * reuse_iter_s) from this "
         "run's phase rows; the last row gives fastvmt / plain for both",
-        "guidance with gradient checkpointing, as the phase rows",
+        "gradient_checkpointing='auto', as the phase rows; "
+        f"{E2E_FAST}: reuse_interval={CARRIED_REUSE_INTERVAL}, carry_gradient_across_steps=True, "
+        "fastvmt.apply_local_attention(phases='both') with its defaults, composed from the fastvmt+local(all) row",
+        "the '/ plain' rows divide each run by the plain run (measured by measured, composed by composed)",
     ]
     write_table("pipeline_end_to_end", "Motion-transfer pipeline end to end (short schedule) vs composed",
-                rows, ["variant", "steps", "guided_steps", "measured_s", "composed_s", "measured_over_composed",
-                       "peak_gib"], notes)
+                rows, ["variant", "steps", "guided_steps", "gradient_passes", "measured_s", "composed_s",
+                       "measured_over_composed", "peak_gib"], notes)
     assert all(r["measured_s"] > 0 for r in rows)
 
 
 def write_results():
-    """Write the rows measured so far (plus the composed carried row) to results/pipeline.*; returns the paths."""
-    if "fastvmt" in RESULTS and "error" not in RESULTS["fastvmt"]:
-        RESULTS[CARRIED_VARIANT] = carried_row(RESULTS["fastvmt"])
+    """Write the rows measured so far (plus the composed carried rows) to results/pipeline.*; returns the paths."""
+    for source, name in CARRIED_ROWS.items():
+        if source in RESULTS and "error" not in RESULTS[source]:
+            RESULTS[name] = carried_row(RESULTS[source], name)
     plain = RESULTS.get("plain", {}).get("total_s_per_video")
     ditflow = RESULTS.get("ditflow", {}).get("guidance_s_per_video")
     for row in RESULTS.values():
@@ -358,8 +395,8 @@ def write_results():
             row["guidance_speedup_vs_ditflow"] = ditflow / row["guidance_s_per_video"]
     columns = [
         "variant", "reference_pass_s", "gradient_iter_s", "reuse_iter_s", "denoise_step_s", "guidance_s_per_video",
-        "total_s_per_video", "x_plain", "guidance_speedup_vs_ditflow", "peak_gib", "gradient_iter_no_ckpt_s",
-        "peak_gib_no_ckpt", "error",
+        "total_s_per_video", "x_plain", "guidance_speedup_vs_ditflow", "peak_gib", "checkpointing", "other_ckpt",
+        "gradient_iter_other_ckpt_s", "peak_gib_other_ckpt", "error",
     ]
     notes = [
         f"video {HEIGHT}x{WIDTH}x{FRAMES}, {'tiny random components (dry run)' if DRY else 'Wan2.1-1.3B transformer + Wan VAE, random weights'}, "
@@ -370,12 +407,12 @@ def write_results():
         "ditflow: 1 reference pass (fixed clean reference) + G*5 gradient iterations; fastvmt: G reference passes + "
         "G*(4 gradient + 6 reuse iterations); guidance_s includes the VAE encode, totals include the decode, "
         "text encoding excluded",
-        f"{CARRIED_VARIANT}: the fastvmt row's measured phase times composed for reuse_interval="
-        f"{CARRIED_REUSE_INTERVAL} with carry_gradient_across_steps=True (G + 1 gradient iterations; the "
-        "testbed recipe's reuse setting, benchmarks/results/testbed_sweep.md); not a separate measurement",
-        "guidance passes use gradient checkpointing of the truncated blocks (the memory-saving setting); *_no_ckpt: "
-        "one gradient computation (no AdamW step) without it, which gradient_checkpointing='auto' picks when the "
-        "estimate fits 80% of the free memory (fastvmt.pipeline.ACTIVATION_ELEMENTS_PER_CHANNEL); times are "
-        "medians after one warm-up",
+        f"rows 'k={CARRIED_REUSE_INTERVAL} carried ... composed': the named measured row's phase times composed for "
+        f"reuse_interval={CARRIED_REUSE_INTERVAL} with carry_gradient_across_steps=True (G + 1 gradient iterations; "
+        "the testbed recipe's reuse setting, benchmarks/results/testbed_sweep.md); not separate measurements",
+        "guidance passes use gradient_checkpointing='auto' (column checkpointing: what it picked, from the estimate "
+        "against 80% of the free memory, fastvmt.pipeline.ACTIVATION_ELEMENTS_PER_CHANNEL); *_other_ckpt: one "
+        "gradient computation (no AdamW step) with the other setting (other_ckpt); times are medians after one "
+        "warm-up",
     ]
     return write_table("pipeline", "Motion-transfer pipeline phases (Wan2.1-1.3B size)", list(RESULTS.values()), columns, notes)
