@@ -20,13 +20,20 @@ log2(e)`` folded into one multiplier), so no logits row is ever stored:
   tiles, window 21: a ~24 x 21 box instead of two 21 x 21 windows). The atomics are ``sem="relaxed"``: the
   default acq_rel ordering puts a GPU-wide memory barrier beside every vector atomic in SASS.
 
-There is no P.V product: the expectation is over 2 coordinates, so exp throughput and memory latency, not the
-tensor cores, bound these kernels (kernel-anchors.md).
+There is no P.V product: the expectation is over 2 coordinates, so exp throughput, instruction issue and memory
+latency, not the tensor cores, bound these kernels (kernel-anchors.md). The fine loops therefore keep their integer
+work small (sm_90a SASS per 64-key step and thread, before -> after: forward 1054 -> 820 instructions, backward
+1344 -> 932; read with ``cuobjdump``): key coordinates come from an exact fp32-reciprocal division instead of a
+runtime integer division (~20 instructions per element), window membership is one unsigned range test per axis,
+padding keys past a box read a real key and add an exactly zero dS row (no row masks on loads or atomics, so no
+branches around the atomics), and the forward's three per-block key sums are one reduction (6 barriers, not 12).
 
 bf16 loads are upcast before any elementwise math (the interpreter's bf16 arithmetic is wrong); tl.dot takes the
 input dtype (fp32 uses IEEE precision, not TF32).
 """
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
@@ -52,8 +59,13 @@ FWD_TILE_GROUP = (2, 1)
 # The fused_..._r128 ablation rows of benchmarks/bench_motion_flow.py measure both side by side on a GPU.
 FINE_MAX_REGISTERS = None
 CAPPED_MAX_REGISTERS = 128  # the capped configuration the compile report checks
+# Window origin row of invalid query slots: no key's row is within a window of it.
+FAR_ORIGIN = tl.constexpr(1 << 28)
 # Finite start of the online max: a key block holding no key of a query's window leaves that query's state unchanged.
 MAX_FLOOR = tl.constexpr(-1.0e30)
+# The forward's per-block key sums as one three-operand reduction (fewer barriers in SASS). The Triton interpreter
+# runs a custom combine function element by element in Python (~4x slower tests), so it takes three tl.sum there.
+FUSED_KEY_SUMS = os.environ.get("TRITON_INTERPRET") != "1"
 WIDE_BLOCK_Q = 64  # fine-pass programs with at least this many query slots run WIDE_NUM_WARPS warps
 WIDE_NUM_WARPS = 8
 
@@ -76,6 +88,25 @@ def _with_dims(row_ok, offs_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DIMS
         if D_PAD != HEAD_DIM:
             mask = mask & (offs_d[None, :] < HEAD_DIM)
     return mask
+
+
+@triton.jit
+def _load_key_rows(ptrs, offs_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Load (rows, D_PAD) key rows at in-bounds row addresses: masked only on the padded channels, if any."""
+    if D_PAD != HEAD_DIM:
+        rows = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        rows = tl.load(ptrs)
+    return rows
+
+
+@triton.jit
+def _add_key_rows(ptrs, values, offs_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Atomically add (rows, D_PAD) fp32 values at in-bounds row addresses (relaxed: no memory barrier)."""
+    if D_PAD != HEAD_DIM:
+        tl.atomic_add(ptrs, values, mask=(offs_d < HEAD_DIM)[None, :], sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, values, sem="relaxed")
 
 
 @triton.jit
@@ -119,6 +150,7 @@ def _coarse_kernel(
     q = (q_sum / tl.maximum(count, 1.0)[:, None]).to(q_ptr.dtype.element_ty)
     k_base = k_ptr + b * stride_kb + fj * stride_kf
 
+    inv_frame_w = 1.0 / frame_w.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     sum_y = tl.zeros([BLOCK_M], tl.float32)
@@ -133,8 +165,9 @@ def _coarse_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        key_y = (offs_n // frame_w).to(tl.float32)
-        key_x = (offs_n % frame_w).to(tl.float32)
+        key_row, key_col = _small_divmod(offs_n, frame_w, inv_frame_w)
+        key_y = key_row.to(tl.float32)
+        key_x = key_col.to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, 1)
         sum_y = sum_y * alpha + tl.sum(p * key_y[None, :], 1)
         sum_x = sum_x * alpha + tl.sum(p * key_x[None, :], 1)
@@ -150,12 +183,31 @@ def _coarse_kernel(
 
 
 @triton.jit
-def _window_keys(start, oy, ox, win_w, n_win, frame_w, BLOCK_N: tl.constexpr):
-    """(key y, key x, raster token, valid) of window positions [start, start + BLOCK_N)."""
+def _small_divmod(n, d, inv_d):
+    """(n // d, n % d) for 0 <= n < 2**20 and 0 < d <= 2**10, given inv_d = 1 / d in fp32.
+
+    A runtime integer division costs ~20 instructions per element on the GPU (it dominated the fine loops' SASS);
+    this costs 4. Exact: (n + 0.5) / d lies at least 0.5 / d from an integer, far more than the fp32 rounding of
+    (n + 0.5) * inv_d (a few ulps of n / d < 2**20).
+    """
+    q = ((n.to(tl.float32) + 0.5) * inv_d).to(tl.int32)
+    return q, n - q * d
+
+
+@triton.jit
+def _window_keys(start, oy, ox, win_w, inv_win_w, n_win, frame_w, BLOCK_N: tl.constexpr):
+    """(key y, key x, raster token) of positions [start, start + BLOCK_N) of the window (box) at (oy, ox) of
+    n_win keys, win_w wide (inv_win_w = 1 / win_w).
+
+    Positions past the window keep their (y, x) -- rows below it, outside every query's window, so
+    ``_in_own_window`` masks them -- but their token is the window's first one: loads and the dk atomics then need
+    no row mask (they read a real key, and add an exactly zero dS row).
+    """
     offs_w = start + tl.arange(0, BLOCK_N)
-    ky = oy + offs_w // win_w
-    kx = ox + offs_w % win_w
-    return ky, kx, ky * frame_w + kx, offs_w < n_win
+    row, col = _small_divmod(offs_w, win_w, inv_win_w)
+    ky = oy + row
+    kx = ox + col
+    return ky, kx, tl.where(offs_w < n_win, ky * frame_w + kx, oy * frame_w + ox)
 
 
 @triton.jit
@@ -177,8 +229,8 @@ def _group_queries(group, n_groups_x, n_tiles_x, frame_h, frame_w, tile_h, tile_
 
 @triton.jit
 def _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w):
-    """Each query slot's window origin (oy, ox) (its tile's) and the bounding box (y, x, width, keys) of the
-    group's windows; ``w_ptrs`` points at each slot's tile row of the (B, P, n_tiles, 2) origins."""
+    """Each query slot's window origin (oy, ox) (its tile's) and the bounding box (y, x, width, 1 / width, keys) of
+    the group's windows; ``w_ptrs`` points at each slot's tile row of the (B, P, n_tiles, 2) origins."""
     oy = tl.load(w_ptrs, mask=q_ok, other=0).to(tl.int32)
     ox = tl.load(w_ptrs + 1, mask=q_ok, other=0).to(tl.int32)
     # Memory safety for origins given directly to the op (motion_flow() rejects illegal ones): keep windows in frame.
@@ -188,15 +240,28 @@ def _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w):
     box_x = tl.min(tl.where(q_ok, ox, frame_w), 0)
     box_w = tl.max(tl.where(q_ok, ox, 0), 0) + win_w - box_x
     n_box = (tl.max(tl.where(q_ok, oy, 0), 0) + win_h - box_y) * box_w
-    return oy, ox, box_y, box_x, box_w, n_box
+    # Invalid slots get a window far outside the frame, so `_in_own_window` needs no query-validity term.
+    oy = tl.where(q_ok, oy, FAR_ORIGIN)
+    return oy, ox, box_y, box_x, box_w, 1.0 / box_w.to(tl.float32), n_box
 
 
 @triton.jit
-def _in_own_window(ky, kx, k_ok, oy, ox, q_ok, win_h, win_w):
-    """(BLOCK_N keys, BLOCK_Q queries) mask: the key is valid and inside the query's own window."""
-    inside = (ky[:, None] >= oy[None, :]) & (ky[:, None] < oy[None, :] + win_h)
-    inside &= (kx[:, None] >= ox[None, :]) & (kx[:, None] < ox[None, :] + win_w)
-    return inside & k_ok[:, None] & q_ok[None, :]
+def _add3(a0, a1, a2, b0, b1, b2):
+    """Combine function of a three-operand sum reduction."""
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _in_own_window(ky, kx, oy, ox, win_h, win_w):
+    """(BLOCK_N keys, BLOCK_Q queries) mask: the key lies inside the query's own window.
+
+    One unsigned range test per axis (``0 <= ky - oy < win_h`` as ``uint32(ky - oy) < win_h``). It also rejects
+    the padding keys past the group's box (their ky is below the box, hence below every window) and invalid query
+    slots (``_group_windows`` moves their windows to FAR_ORIGIN), so no validity terms are needed.
+    """
+    dy = (ky[:, None] - oy[None, :]).to(tl.uint32, bitcast=True)
+    dx = (kx[:, None] - ox[None, :]).to(tl.uint32, bitcast=True)
+    return (dy < win_h.to(tl.uint32)) & (dx < win_w.to(tl.uint32))
 
 
 @triton.jit
@@ -208,7 +273,7 @@ def _fine_fwd_kernel(
     stride_lb, stride_lp,
     n_groups_x, n_tiles_x, frame_h, frame_w, tile_h, tile_w, win_h, win_w, qk_scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP_Y: tl.constexpr, GROUP_X: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_SUMS: tl.constexpr,
 ):
     """Flow and base-2 log-sum-exp of one group of tiles' queries for one (pair, batch).
 
@@ -230,7 +295,7 @@ def _fine_fwd_kernel(
     qt = tl.load(q_base + q_tok[None, :].to(tl.int64) * stride_qs + offs_d[:, None],
                  mask=_with_dims(q_ok, offs_d, HEAD_DIM, D_PAD, 0), other=0.0)
     w_ptrs = win_ptr + b * stride_wb + pair * stride_wp + q_tile.to(tl.int64) * stride_wn
-    oy, ox, box_y, box_x, box_w, n_box = _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w)
+    oy, ox, box_y, box_x, box_w, inv_box_w, n_box = _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w)
     k_base = k_ptr + b * stride_qb + fj * stride_qf
 
     m_i = tl.full([BLOCK_Q], MAX_FLOOR, tl.float32)
@@ -238,17 +303,24 @@ def _fine_fwd_kernel(
     sum_y = tl.zeros([BLOCK_Q], tl.float32)
     sum_x = tl.zeros([BLOCK_Q], tl.float32)
     for start in range(0, n_box, BLOCK_N):
-        ky, kx, k_tok, k_ok = _window_keys(start, box_y, box_x, box_w, n_box, frame_w, BLOCK_N)
-        kb = tl.load(k_base + k_tok[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
-                     mask=_with_dims(k_ok, offs_d, HEAD_DIM, D_PAD, 1), other=0.0)
+        ky, kx, k_tok = _window_keys(start, box_y, box_x, box_w, inv_box_w, n_box, frame_w, BLOCK_N)
+        kb = _load_key_rows(k_base + k_tok[:, None].to(tl.int64) * stride_qs + offs_d[None, :], offs_d, HEAD_DIM,
+                            D_PAD)
         s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_N keys, BLOCK_Q queries)
-        s = tl.where(_in_own_window(ky, kx, k_ok, oy, ox, q_ok, win_h, win_w), s, float("-inf"))
+        s = tl.where(_in_own_window(ky, kx, oy, ox, win_h, win_w), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(p, 0)
-        sum_y = sum_y * alpha + tl.sum(p * ky.to(tl.float32)[:, None], 0)
-        sum_x = sum_x * alpha + tl.sum(p * kx.to(tl.float32)[:, None], 0)
+        if FUSED_SUMS:  # one three-operand reduction: the warps exchange partial sums once, not three times
+            blk_l, blk_y, blk_x = tl.reduce((p, p * ky.to(tl.float32)[:, None], p * kx.to(tl.float32)[:, None]), 0,
+                                            _add3)
+        else:
+            blk_l = tl.sum(p, 0)
+            blk_y = tl.sum(p * ky.to(tl.float32)[:, None], 0)
+            blk_x = tl.sum(p * kx.to(tl.float32)[:, None], 0)
+        l_i = l_i * alpha + blk_l
+        sum_y = sum_y * alpha + blk_y
+        sum_x = sum_x * alpha + blk_x
         m_i = m_new
 
     l_safe = tl.where(q_ok, l_i, 1.0)
@@ -297,7 +369,7 @@ def _fine_bwd_kernel(
         pair64 = pair_lo + step
         fj = tl.load(pair_j_ptr + pair64).to(tl.int64)
         w_ptrs = win_ptr + b * stride_wb + pair64 * stride_wp + q_tile.to(tl.int64) * stride_wn
-        oy, ox, box_y, box_x, box_w, n_box = _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w)
+        oy, ox, box_y, box_x, box_w, inv_box_w, n_box = _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w)
         f_off = b * stride_fb + pair64 * stride_fp + q_tok64 * stride_fs
         g_off = b * stride_gb + pair64 * stride_gp + q_tok64 * stride_gs
         exp_y = tl.load(flow_ptr + f_off, mask=q_ok, other=0.0) + qy_f
@@ -307,19 +379,18 @@ def _fine_bwd_kernel(
         lse = tl.load(lse_ptr + b * stride_lb + pair64 * stride_lp + q_tok64, mask=q_ok, other=0.0)
         k_base = b * stride_qb + fj * stride_qf
         for start in range(0, n_box, BLOCK_N):
-            ky, kx, k_tok, k_ok = _window_keys(start, box_y, box_x, box_w, n_box, frame_w, BLOCK_N)
+            ky, kx, k_tok = _window_keys(start, box_y, box_x, box_w, inv_box_w, n_box, frame_w, BLOCK_N)
             k_offs = k_base + k_tok[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-            k_mask = _with_dims(k_ok, offs_d, HEAD_DIM, D_PAD, 1)
-            kb = tl.load(k_ptr + k_offs, mask=k_mask, other=0.0)
+            kb = _load_key_rows(k_ptr + k_offs, offs_d, HEAD_DIM, D_PAD)
             s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2
-            inside = _in_own_window(ky, kx, k_ok, oy, ox, q_ok, win_h, win_w)
+            inside = _in_own_window(ky, kx, oy, ox, win_h, win_w)
             p = tl.where(inside, tl.exp2(s - lse[None, :]), 0.0)
             dpos = (ky.to(tl.float32)[:, None] - exp_y[None, :]) * g_y[None, :]
             dpos += (kx.to(tl.float32)[:, None] - exp_x[None, :]) * g_x[None, :]
             ds = (p * dpos * ds_scale).to(kb.dtype)  # (BLOCK_N keys, BLOCK_Q queries)
             dqt += tl.dot(tl.trans(kb), ds, input_precision=DOT_PRECISION)
             dkb = tl.dot(ds, tl.trans(qt), input_precision=DOT_PRECISION)
-            tl.atomic_add(dk_ptr + k_offs, dkb, mask=k_mask, sem="relaxed")
+            _add_key_rows(dk_ptr + k_offs, dkb, offs_d, HEAD_DIM, D_PAD)
 
     dq_ptrs = dq_ptr + q_base + q_tok64[None, :] * stride_qs + offs_d[:, None]
     tl.store(dq_ptrs, dqt.to(dq_ptr.dtype.element_ty), mask=q_mask)
@@ -353,7 +424,8 @@ def inspect_specs():
     fwd = sig(
         _fine_fwd_kernel,
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "pair_i_ptr": "*i32", "pair_j_ptr": "*i32", "win_ptr": "*i64",
-         "flow_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale_log2": "fp32", **dims, **fine_blocks},
+         "flow_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale_log2": "fp32", "FUSED_SUMS": "constexpr", **dims,
+         **fine_blocks},
     )
     bwd = sig(
         _fine_bwd_kernel,
@@ -385,7 +457,8 @@ def inspect_specs():
                     + (f" maxnreg{cap}" if cap is not None else ""),
                     fn,
                     signature,
-                    dict(dim_constexprs, BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N, GROUP_Y=group[0], GROUP_X=group[1]),
+                    dict(dim_constexprs, BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N, GROUP_Y=group[0], GROUP_X=group[1],
+                         **({"FUSED_SUMS": True} if label == "fwd" else {})),
                     divisible=ptr_names(signature) + ["stride_qb", "stride_qf", "stride_qs"],
                     num_warps=fine_num_warps(block_q),
                     num_stages=NUM_STAGES,

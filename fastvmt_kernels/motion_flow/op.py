@@ -23,6 +23,7 @@ from .kernels import (
     LOG2E,
     BWD_TILE_GROUP,
     FINE_MAX_REGISTERS,
+    FUSED_KEY_SUMS,
     FWD_TILE_GROUP,
     MIN_BLOCK_Q,
     NUM_STAGES,
@@ -72,7 +73,8 @@ def launch_coarse(
         n_tiles, geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], seq,
         geo.window[0] // 2, geo.window[1] // 2, geo.max_origin[0], geo.max_origin[1],
         temperature / math.sqrt(dim) * LOG2E,
-        HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), BLOCK_M=COARSE_BLOCK_M, BLOCK_N=COARSE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
+        HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), BLOCK_M=COARSE_BLOCK_M, BLOCK_N=COARSE_BLOCK_N,
+        DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
 
@@ -93,9 +95,9 @@ def launch_fine_forward(
         lse.stride(0), lse.stride(1),
         n_groups_x, geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], *geo.window_sides,
         temperature / math.sqrt(dim) * LOG2E,
-        HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=fine_num_warps(block_q), num_stages=NUM_STAGES,
-        maxnreg=FINE_MAX_REGISTERS,
+        HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
+        BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype), FUSED_SUMS=FUSED_KEY_SUMS,
+        num_warps=fine_num_warps(block_q), num_stages=NUM_STAGES, maxnreg=FINE_MAX_REGISTERS,
     )
 
 
@@ -117,9 +119,9 @@ def launch_fine_backward(
         grad_flow.stride(0), grad_flow.stride(1), grad_flow.stride(2),
         n_groups_x, geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], *geo.window_sides,
         temperature / math.sqrt(dim) * LOG2E, temperature / math.sqrt(dim),
-        HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=fine_num_warps(block_q), num_stages=NUM_STAGES,
-        maxnreg=FINE_MAX_REGISTERS,
+        HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
+        BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=fine_num_warps(block_q), num_stages=NUM_STAGES, maxnreg=FINE_MAX_REGISTERS,
     )
 
 
