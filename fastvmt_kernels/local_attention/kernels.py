@@ -101,13 +101,22 @@ def block_sizes(config: BlockConfig, tile_volume: int):
 
 
 @triton.jit
-def _tile_rows(ct, cy, cx, sub, T, HG, WG, TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BLOCK: tl.constexpr):
-    """Raster indices (int64) and validity of rows [sub*BLOCK, (sub+1)*BLOCK) of tile (ct, cy, cx)."""
+def _tile_rows(ct, cy, cx, sub, T, HG, WG, TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BLOCK: tl.constexpr,
+               IN_GRID: tl.constexpr = False):
+    """Raster indices (int64) and validity of rows [sub*BLOCK, (sub+1)*BLOCK) of tile (ct, cy, cx).
+
+    IN_GRID: the tile is known to lie fully inside the grid (every tile of a window's full-tile box), so a row is
+    valid iff it is inside the tile volume; the grid bounds are not tested. Where only the validity is used (the
+    score mask, in the MMA layout), this leaves one compare per row instead of the coordinate arithmetic.
+    """
     r = sub * BLOCK + tl.arange(0, BLOCK)
     t = ct * TT + r // (TH * TW)
     y = cy * TH + (r // TW) % TH
     x = cx * TW + r % TW
-    valid = (r < TT * TH * TW) & (t < T) & (y < HG) & (x < WG)
+    if IN_GRID:
+        valid = r < TT * TH * TW
+    else:
+        valid = (r < TT * TH * TW) & (t < T) & (y < HG) & (x < WG)
     rows = ((t * HG + y) * WG + x).to(tl.int64)
     return rows, valid
 
@@ -185,7 +194,7 @@ def _query_window(ct, cy, cx, NT, NY, NX, WT, WY, WX, HALF_T, HALF_Y, HALF_X, T,
 @triton.jit
 def _fwd_box(acc, l_i, m_i, q, k_base, v_base, sk_l, sv_l, offs_d, t0, t1, y0, y1, x0, x1, T, HG, WG, qk_scale,
              TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-             MASKED: tl.constexpr, D_PAD: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+             MASKED: tl.constexpr, IN_GRID: tl.constexpr, D_PAD: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Online-softmax accumulation over every key block of the tile box [t0,t1) x [y0,y1) x [x0,x1)."""
     N_SUB: tl.constexpr = (TT * TH * TW + BLOCK_N - 1) // BLOCK_N
     ny = y1 - y0
@@ -193,7 +202,7 @@ def _fwd_box(acc, l_i, m_i, q, k_base, v_base, sk_l, sv_l, offs_d, t0, t1, y0, y
     steps = (t1 - t0) * ny * nx * N_SUB
     for i in range(0, steps):
         ct, cy, cx, sub = _box_tile(i, t0, y0, x0, ny, nx, N_SUB)
-        rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_N)
+        rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_N, IN_GRID)
         k = _load_rows(k_base, rows, sk_l, offs_d, valid, HEAD_DIM, MASKED, D_PAD, INTERPRET)
         v = _load_rows(v_base, rows, sv_l, offs_d, valid, HEAD_DIM, MASKED, D_PAD, INTERPRET)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -242,18 +251,18 @@ def local_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, l_i, m_i = _fwd_box(acc, l_i, m_i, q, k_base, v_base, sk_l, sv_l, offs_d, st, ft, sy, fy, sx, fx,
-                             T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, PAD_N, D_PAD, INTERPRET, PRECISION)
+                             T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, PAD_N, True, D_PAD, INTERPRET, PRECISION)
     if RAGGED_T:
         acc, l_i, m_i = _fwd_box(acc, l_i, m_i, q, k_base, v_base, sk_l, sv_l, offs_d, ft, et, sy, ey, sx, ex,
-                                 T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, True, D_PAD, INTERPRET,
+                                 T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, True, False, D_PAD, INTERPRET,
                                  PRECISION)
     if RAGGED_Y:
         acc, l_i, m_i = _fwd_box(acc, l_i, m_i, q, k_base, v_base, sk_l, sv_l, offs_d, st, ft, fy, ey, sx, ex,
-                                 T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, True, D_PAD, INTERPRET,
+                                 T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, True, False, D_PAD, INTERPRET,
                                  PRECISION)
     if RAGGED_X:
         acc, l_i, m_i = _fwd_box(acc, l_i, m_i, q, k_base, v_base, sk_l, sv_l, offs_d, st, ft, sy, fy, fx, ex,
-                                 T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, True, D_PAD, INTERPRET,
+                                 T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, True, False, D_PAD, INTERPRET,
                                  PRECISION)
 
     out = acc / l_i[:, None]
@@ -272,7 +281,7 @@ def local_attention_fwd_kernel(
 @triton.jit
 def _dq_box(dq, q, do, lse2, delta, k_base, v_base, sk_l, sv_l, offs_d, t0, t1, y0, y1, x0, x1, T, HG, WG,
             qk_scale, TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, HEAD_DIM: tl.constexpr,
-            BLOCK_N: tl.constexpr, MASKED: tl.constexpr, D_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+            BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IN_GRID: tl.constexpr, D_PAD: tl.constexpr, INTERPRET: tl.constexpr,
             PRECISION: tl.constexpr):
     """Accumulate dS @ K (unscaled) over every key block of the tile box."""
     N_SUB: tl.constexpr = (TT * TH * TW + BLOCK_N - 1) // BLOCK_N
@@ -281,7 +290,7 @@ def _dq_box(dq, q, do, lse2, delta, k_base, v_base, sk_l, sv_l, offs_d, t0, t1, 
     steps = (t1 - t0) * ny * nx * N_SUB
     for i in range(0, steps):
         ct, cy, cx, sub = _box_tile(i, t0, y0, x0, ny, nx, N_SUB)
-        rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_N)
+        rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_N, IN_GRID)
         k = _load_rows(k_base, rows, sk_l, offs_d, valid, HEAD_DIM, MASKED, D_PAD, INTERPRET)
         v = _load_rows(v_base, rows, sv_l, offs_d, valid, HEAD_DIM, MASKED, D_PAD, INTERPRET)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -335,16 +344,16 @@ def local_attention_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_box(dq, q, do, lse2, delta, k_base, v_base, sk_l, sv_l, offs_d, st, ft, sy, fy, sx, fx, T, HG, WG,
-                 qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, PAD_N, D_PAD, INTERPRET, PRECISION)
+                 qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, PAD_N, True, D_PAD, INTERPRET, PRECISION)
     if RAGGED_T:
         dq = _dq_box(dq, q, do, lse2, delta, k_base, v_base, sk_l, sv_l, offs_d, ft, et, sy, ey, sx, ex, T, HG,
-                     WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, True, D_PAD, INTERPRET, PRECISION)
+                     WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, True, False, D_PAD, INTERPRET, PRECISION)
     if RAGGED_Y:
         dq = _dq_box(dq, q, do, lse2, delta, k_base, v_base, sk_l, sv_l, offs_d, st, ft, fy, ey, sx, ex, T, HG,
-                     WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, True, D_PAD, INTERPRET, PRECISION)
+                     WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, True, False, D_PAD, INTERPRET, PRECISION)
     if RAGGED_X:
         dq = _dq_box(dq, q, do, lse2, delta, k_base, v_base, sk_l, sv_l, offs_d, st, ft, sy, fy, fx, ex, T, HG,
-                     WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, True, D_PAD, INTERPRET, PRECISION)
+                     WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, True, False, D_PAD, INTERPRET, PRECISION)
     dq_ptrs = DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_l + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM))
 
@@ -357,7 +366,7 @@ def local_attention_dq_kernel(
 @triton.jit
 def _dkdv_box(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, offs_d, t0, t1, y0, y1, x0, x1,
               T, HG, WG, qk_scale, TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_M: tl.constexpr, MASKED: tl.constexpr, D_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+              BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IN_GRID: tl.constexpr, D_PAD: tl.constexpr, INTERPRET: tl.constexpr,
               PRECISION: tl.constexpr):
     """Accumulate dV += P^T dO and dK += dS^T Q (unscaled) over every query block of the tile box."""
     N_SUB: tl.constexpr = (TT * TH * TW + BLOCK_M - 1) // BLOCK_M
@@ -366,7 +375,7 @@ def _dkdv_box(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, 
     steps = (t1 - t0) * ny * nx * N_SUB
     for i in range(0, steps):
         ct, cy, cx, sub = _box_tile(i, t0, y0, x0, ny, nx, N_SUB)
-        rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_M)
+        rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_M, IN_GRID)
         q = _load_rows(q_base, rows, sq_l, offs_d, valid, HEAD_DIM, MASKED, D_PAD, INTERPRET)
         do = _load_rows(do_base, rows, sdo_l, offs_d, valid, HEAD_DIM, MASKED, D_PAD, INTERPRET)
         if MASKED:  # invalid query rows: lse = +inf makes their p exactly 0
@@ -432,19 +441,19 @@ def local_attention_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dk, dv = _dkdv_box(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, offs_d, lt, ft, ly, fy,
-                       lx, fx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, PAD_M, D_PAD, INTERPRET,
+                       lx, fx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, PAD_M, True, D_PAD, INTERPRET,
                        PRECISION)
     if RAGGED_T:
         dk, dv = _dkdv_box(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, offs_d, ft, ht, ly,
-                           hy, lx, hx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, True, D_PAD, INTERPRET,
+                           hy, lx, hx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, True, False, D_PAD, INTERPRET,
                            PRECISION)
     if RAGGED_Y:
         dk, dv = _dkdv_box(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, offs_d, lt, ft, fy,
-                           hy, lx, hx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, True, D_PAD, INTERPRET,
+                           hy, lx, hx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, True, False, D_PAD, INTERPRET,
                            PRECISION)
     if RAGGED_X:
         dk, dv = _dkdv_box(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, offs_d, lt, ft, ly,
-                           fy, fx, hx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, True, D_PAD, INTERPRET,
+                           fy, fx, hx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, True, False, D_PAD, INTERPRET,
                            PRECISION)
     mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     off = b * sdk_b + h * sdk_h + rows[:, None] * sdk_l + offs_d[None, :]
