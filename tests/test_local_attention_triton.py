@@ -165,6 +165,12 @@ def test_unsupported_head_dim_raises(d, device):
         local_attention(q, q, q, (1, 4, 4), (1, 4, 4), (1, 1, 1), backend="triton")
 
 
+def test_too_many_tiles_per_axis_raises():
+    q = torch.randn(1, 1025, 1, 16)
+    with pytest.raises(ValueError, match=r"up to 1024 tiles per axis, got \(1, 1, 1025\)"):
+        local_attention(q, q, q, (1, 1, 1025), (1, 1, 1), (1, 1, 3), backend="triton")
+
+
 def test_mixed_devices_raise():
     q = torch.randn(1, 16, 1, 16)
     with pytest.raises(ValueError, match="must be on one device"):

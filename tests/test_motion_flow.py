@@ -407,6 +407,8 @@ def test_torch_compile_fullgraph_matches_eager(device):
         (dict(tile=(3,)), "tile must be 2 positive ints"),
         (dict(backend="cuda"), "backend must be one of"),
         (dict(q=torch.zeros(1, 2, 20, 24), k=torch.zeros(1, 2, 20, 24), backend="triton"), "D a multiple of 16"),
+        (dict(q=torch.zeros(1, 2, 1025, 16), k=torch.zeros(1, 2, 1025, 16), frame_shape=(1, 1025), backend="triton"),
+         "frames up to 1024 tokens wide"),
     ],
 )
 def test_bad_inputs_raise(change, match):

@@ -6,6 +6,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .._checks import check_tensors, resolve_backend
+from ..index_math import SMALL_DIVMOD_MAX_D
 from ..layout import TileLayout
 from .reference import local_attention_reference
 
@@ -52,6 +53,12 @@ def local_attention(
     if chosen == "torch":
         out, lse = local_attention_reference(q, k, v, layout, scale)
     else:
+        # The kernels walk window boxes with fastvmt_kernels.index_math (tile counts per axis up to this bound).
+        if max(layout.num_tiles) > SMALL_DIVMOD_MAX_D:
+            raise ValueError(
+                f"the triton backend supports up to {SMALL_DIVMOD_MAX_D} tiles per axis, got {layout.num_tiles} "
+                f"(grid {layout.grid}, tile {layout.tile}); use larger tiles or backend='torch'"
+            )
         from .op import local_attention_triton
 
         out, lse = local_attention_triton(q, k, v, layout, scale)

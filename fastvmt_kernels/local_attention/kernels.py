@@ -36,6 +36,8 @@ from typing import Dict, List
 import triton
 import triton.language as tl
 
+from ..index_math import small_divmod
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -136,15 +138,14 @@ def _load_rows(base, rows, stride_l, offs_d, valid, HEAD_DIM: tl.constexpr, MASK
 
 
 @triton.jit
-def _box_tile(i, t0, y0, x0, ny, nx, N_SUB: tl.constexpr):
-    """Tile (ct, cy, cx) and sub-block of the i-th step when walking a box of tiles in raster order."""
+def _box_tile(i, t0, y0, x0, ny, nx, inv_ny, inv_nx, N_SUB: tl.constexpr):
+    """Tile (ct, cy, cx) and sub-block of the i-th step when walking a box of tiles in raster order
+    (inv_ny, inv_nx: 1 / ny, 1 / nx in fp32)."""
     sub = i % N_SUB
     j = i // N_SUB
-    cx = x0 + j % nx
-    j = j // nx
-    cy = y0 + j % ny
-    ct = t0 + j // ny
-    return ct, cy, cx, sub
+    j, rx = small_divmod(j, nx, inv_nx)
+    jt, ry = small_divmod(j, ny, inv_ny)
+    return t0 + jt, y0 + ry, x0 + rx, sub
 
 
 @triton.jit
@@ -200,8 +201,10 @@ def _fwd_box(acc, l_i, m_i, q, k_base, v_base, sk_l, sv_l, offs_d, t0, t1, y0, y
     ny = y1 - y0
     nx = x1 - x0
     steps = (t1 - t0) * ny * nx * N_SUB
+    inv_ny = 1.0 / tl.maximum(ny, 1).to(tl.float32)
+    inv_nx = 1.0 / tl.maximum(nx, 1).to(tl.float32)
     for i in range(0, steps):
-        ct, cy, cx, sub = _box_tile(i, t0, y0, x0, ny, nx, N_SUB)
+        ct, cy, cx, sub = _box_tile(i, t0, y0, x0, ny, nx, inv_ny, inv_nx, N_SUB)
         rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_N, IN_GRID)
         k = _load_rows(k_base, rows, sk_l, offs_d, valid, HEAD_DIM, MASKED, D_PAD, INTERPRET)
         v = _load_rows(v_base, rows, sv_l, offs_d, valid, HEAD_DIM, MASKED, D_PAD, INTERPRET)
@@ -288,8 +291,10 @@ def _dq_box(dq, q, do, lse2, delta, k_base, v_base, sk_l, sv_l, offs_d, t0, t1, 
     ny = y1 - y0
     nx = x1 - x0
     steps = (t1 - t0) * ny * nx * N_SUB
+    inv_ny = 1.0 / tl.maximum(ny, 1).to(tl.float32)
+    inv_nx = 1.0 / tl.maximum(nx, 1).to(tl.float32)
     for i in range(0, steps):
-        ct, cy, cx, sub = _box_tile(i, t0, y0, x0, ny, nx, N_SUB)
+        ct, cy, cx, sub = _box_tile(i, t0, y0, x0, ny, nx, inv_ny, inv_nx, N_SUB)
         rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_N, IN_GRID)
         k = _load_rows(k_base, rows, sk_l, offs_d, valid, HEAD_DIM, MASKED, D_PAD, INTERPRET)
         v = _load_rows(v_base, rows, sv_l, offs_d, valid, HEAD_DIM, MASKED, D_PAD, INTERPRET)
@@ -373,8 +378,10 @@ def _dkdv_box(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, 
     ny = y1 - y0
     nx = x1 - x0
     steps = (t1 - t0) * ny * nx * N_SUB
+    inv_ny = 1.0 / tl.maximum(ny, 1).to(tl.float32)
+    inv_nx = 1.0 / tl.maximum(nx, 1).to(tl.float32)
     for i in range(0, steps):
-        ct, cy, cx, sub = _box_tile(i, t0, y0, x0, ny, nx, N_SUB)
+        ct, cy, cx, sub = _box_tile(i, t0, y0, x0, ny, nx, inv_ny, inv_nx, N_SUB)
         rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_M, IN_GRID)
         q = _load_rows(q_base, rows, sq_l, offs_d, valid, HEAD_DIM, MASKED, D_PAD, INTERPRET)
         do = _load_rows(do_base, rows, sdo_l, offs_d, valid, HEAD_DIM, MASKED, D_PAD, INTERPRET)

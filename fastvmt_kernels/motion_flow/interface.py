@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .._checks import check_tensors, resolve_backend
+from ..index_math import SMALL_DIVMOD_MAX_D, SMALL_DIVMOD_MAX_N
 from .geometry import FlowGeometry, make_pairs
 from .reference import motion_flow_reference
 
@@ -14,6 +15,7 @@ HEAD_REDUCTIONS = ("mean_qk", "mean_flow")
 # Head dims the Triton kernels compile for: multiples of TRITON_DIM_MULTIPLE up to TRITON_MAX_DIM.
 TRITON_DIM_MULTIPLE = 16
 TRITON_MAX_DIM = 256
+TRITON_INDEX_SLACK = 256  # key positions a kernel may index past the last token of a frame (one block)
 
 
 def _validate(q, k, geo: FlowGeometry, span, temperature, head_reduce) -> None:
@@ -79,6 +81,12 @@ def _flow_4d(q, k, geo, span, temperature, backend, windows=None):
         )
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
+    # The kernels' index arithmetic (fastvmt_kernels.index_math) covers frames below these sizes.
+    if geo.frame[1] > SMALL_DIVMOD_MAX_D or geo.num_tokens + TRITON_INDEX_SLACK >= SMALL_DIVMOD_MAX_N:
+        raise ValueError(
+            f"the triton backend supports frames up to {SMALL_DIVMOD_MAX_D} tokens wide and "
+            f"{SMALL_DIVMOD_MAX_N - TRITON_INDEX_SLACK - 1} tokens in all, got {geo.frame}; use backend='torch'"
+        )
     from .op import motion_flow_triton
 
     return motion_flow_triton(q, k, geo, span, float(temperature), windows)

@@ -38,6 +38,8 @@ import os
 import triton
 import triton.language as tl
 
+from ..index_math import small_divmod
+
 LOG2E = 1.4426950408889634
 # Coarse pass: tile-mean queries per program and keys per step.
 COARSE_BLOCK_M = 64
@@ -165,7 +167,7 @@ def _coarse_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        key_row, key_col = _small_divmod(offs_n, frame_w, inv_frame_w)
+        key_row, key_col = small_divmod(offs_n, frame_w, inv_frame_w)
         key_y = key_row.to(tl.float32)
         key_x = key_col.to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -183,18 +185,6 @@ def _coarse_kernel(
 
 
 @triton.jit
-def _small_divmod(n, d, inv_d):
-    """(n // d, n % d) for 0 <= n < 2**20 and 0 < d <= 2**10, given inv_d = 1 / d in fp32.
-
-    A runtime integer division costs ~20 instructions per element on the GPU (it dominated the fine loops' SASS);
-    this costs 4. Exact: (n + 0.5) / d lies at least 0.5 / d from an integer, far more than the fp32 rounding of
-    (n + 0.5) * inv_d (a few ulps of n / d < 2**20).
-    """
-    q = ((n.to(tl.float32) + 0.5) * inv_d).to(tl.int32)
-    return q, n - q * d
-
-
-@triton.jit
 def _window_keys(start, oy, ox, win_w, inv_win_w, n_win, frame_w, BLOCK_N: tl.constexpr):
     """(key y, key x, raster token) of positions [start, start + BLOCK_N) of the window (box) at (oy, ox) of
     n_win keys, win_w wide (inv_win_w = 1 / win_w).
@@ -204,7 +194,7 @@ def _window_keys(start, oy, ox, win_w, inv_win_w, n_win, frame_w, BLOCK_N: tl.co
     no row mask (they read a real key, and add an exactly zero dS row).
     """
     offs_w = start + tl.arange(0, BLOCK_N)
-    row, col = _small_divmod(offs_w, win_w, inv_win_w)
+    row, col = small_divmod(offs_w, win_w, inv_win_w)
     ky = oy + row
     kx = ox + col
     return ky, kx, tl.where(offs_w < n_win, ky * frame_w + kx, oy * frame_w + ox)
