@@ -3,7 +3,9 @@
 Run ``python -m fastvmt_kernels.inspect`` (no GPU needed). For each kernel configuration that the GPU
 path launches, it compiles with the ``tt.divisibility`` hints the GPU JIT adds for 16-byte-aligned
 pointers and strides, then reads the cubin with the ``cuobjdump`` shipped in triton's wheel and prints:
-registers, spill bytes (local memory), shared memory and the HGMMA (wgmma) instruction count in SASS.
+registers, spill bytes (local memory), shared memory, the HGMMA (wgmma) instruction count in SASS and the SASS
+instructions of one iteration of the hot loop (the innermost loop with the most HGMMA): per thread, the issue cost
+of one inner step, a proxy for the gathering kernels' integer overhead.
 ``--check`` exits non-zero when a kernel spills or a kernel that multiplies has no HGMMA.
 
 Kernel modules register their configurations through an ``inspect_specs()`` function returning a list
@@ -64,6 +66,31 @@ def _nvidia_bin() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_BRANCH_TARGET = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
+
+
+def hot_loop_instructions(sass: str) -> int:
+    """Instructions in one iteration of the innermost SASS loop holding the most HGMMA (0 if no loop).
+
+    Loops are found as backward branches ``BRA`` from address a to an earlier target t: the body is [t, a].
+    """
+    ins = [(int(a, 16), text.strip()) for a, text in _SASS_LINE.findall(sass)]
+    loops = []
+    for addr, text in ins:
+        m = _BRANCH_TARGET.search(text)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    innermost = [(lo, hi) for lo, hi in loops if not any(lo <= a < b <= hi and (a, b) != (lo, hi) for a, b in loops)]
+    best = (-1, 0)
+    for lo, hi in innermost:
+        body = [text for a, text in ins if lo <= a <= hi]
+        hgmma = sum(1 for text in body if "HGMMA." in text)
+        if (hgmma, -len(body)) > (best[0], -best[1]):
+            best = (hgmma, len(body))
+    return best[1]
+
+
 def compile_spec(spec: KernelSpec) -> Dict[str, Any]:
     """Compile ``spec`` for sm_90a and return its resource usage as a dict."""
     import triton
@@ -99,6 +126,7 @@ def compile_spec(spec: KernelSpec) -> Dict[str, Any]:
         "stack_bytes": field_value("STACK"),
         "shared_bytes": int(kernel.metadata.shared) + max(0, field_value("SHARED")),
         "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
+        "loop_instructions": hot_loop_instructions(sass),
         "num_warps": spec.num_warps,
         "num_stages": spec.num_stages,
         "expects_mma": spec.expects_mma,
@@ -136,14 +164,15 @@ def main(argv: List[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        header = f"{'kernel':58s} {'regs':>5s} {'spill':>6s} {'smem KiB':>9s} {'HGMMA':>6s} {'warps':>5s} {'stages':>6s}  status"
+        header = (f"{'kernel':58s} {'regs':>5s} {'spill':>6s} {'smem KiB':>9s} {'HGMMA':>6s} {'loop':>5s} "
+                  f"{'warps':>5s} {'stages':>6s}  status")
         print(f"sm_90a (Hopper) compile report, triton {__import__('triton').__version__}")
         print(header)
         for r in rows:
             status = "; ".join(problems(r)) or "ok"
             print(
                 f"{r['kernel']:58s} {r['registers']:5d} {r['spill_bytes']:6d} {r['shared_bytes'] / 1024:9.1f} "
-                f"{r['hgmma']:6d} {r['num_warps']:5d} {r['num_stages']:6d}  {status}"
+                f"{r['hgmma']:6d} {r['loop_instructions']:5d} {r['num_warps']:5d} {r['num_stages']:6d}  {status}"
             )
     bad = [r for r in rows if problems(r)]
     return 1 if (args.check and bad) else 0

@@ -25,3 +25,27 @@ def test_inspect_check_passes_and_local_attention_uses_hgmma_without_spills():
         assert row["spill_bytes"] == 0, row
         assert row["hgmma"] > 0, row
         assert row["registers"] <= 255, row
+    for row in rows:  # every multiplying kernel has a hot loop; the counter finds it and sees a plausible size
+        if row["expects_mma"]:
+            assert 50 < row["loop_instructions"] < 5000, row
+
+
+def test_hot_loop_counter_on_synthetic_sass():
+    """Innermost loop with the most HGMMA, by backward branches: the outer loop and an MMA-free loop are skipped."""
+    from fastvmt_kernels.inspect import hot_loop_instructions
+
+    lines = [
+        "/*0000*/ MOV R1, c[0x0][0x28] ;",
+        "/*0010*/ IADD3 R2, R2, 0x1, RZ ;",  # outer loop [0x10, 0x90]
+        "/*0020*/ HGMMA.64x64x16.F32 R24, gdesc[UR4], RZ ;",  # inner loop [0x20, 0x50], 4 instructions
+        "/*0030*/ FMUL R3, R3, R4 ;",
+        "/*0040*/ ISETP.GE.AND P0, PT, R2, R5, PT ;",
+        "/*0050*/ @!P0 BRA 0x20 ;",
+        "/*0060*/ FADD R6, R6, R7 ;",  # MMA-free loop [0x60, 0x70]
+        "/*0070*/ @!P1 BRA 0x60 ;",
+        "/*0080*/ ISETP.GE.AND P2, PT, R2, R8, PT ;",
+        "/*0090*/ @!P2 BRA 0x10 ;",
+        "/*00a0*/ EXIT ;",
+    ]
+    assert hot_loop_instructions("\n".join(lines)) == 4
+    assert hot_loop_instructions("/*0000*/ EXIT ;") == 0
