@@ -37,6 +37,28 @@ def _hard_cases(seed: int = 0):
     return np.concatenate(ns).astype(np.int32), np.concatenate(dd).astype(np.int32)
 
 
+@triton.jit
+def _divmod_own_reciprocal_kernel(n_ptr, d_ptr, q_ptr, r_ptr, size, BLOCK: tl.constexpr):
+    """As the kernels use it: the reciprocal computed on the device by fp32 division."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < size
+    n = tl.load(n_ptr + offs, mask=ok, other=0)
+    d = tl.load(d_ptr + offs, mask=ok, other=1)
+    q, r = small_divmod(n, d, 1.0 / d.to(tl.float32))
+    tl.store(q_ptr + offs, q, mask=ok)
+    tl.store(r_ptr + offs, r, mask=ok)
+
+
+def test_small_divmod_with_device_reciprocal(device):
+    n, d = _hard_cases(seed=1)
+    q = torch.full((n.size,), -7, dtype=torch.int32, device=device)  # poisoned outputs
+    r = torch.full_like(q, -7)
+    args = [torch.from_numpy(a).to(device) for a in (n, d)]
+    _divmod_own_reciprocal_kernel[(triton.cdiv(n.size, BLOCK),)](*args, q, r, n.size, BLOCK=BLOCK)
+    assert np.array_equal(q.cpu().numpy(), n // d)
+    assert np.array_equal(r.cpu().numpy(), n % d)
+
+
 @pytest.mark.parametrize("inv_ulps", [0, -2, 2])
 def test_small_divmod_exact_at_hard_points(device, inv_ulps):
     """inv_d is perturbed by up to 2 ulps, the error of the GPU's fast fp32 division."""
