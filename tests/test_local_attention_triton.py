@@ -171,6 +171,12 @@ def test_too_many_tiles_per_axis_raises():
         local_attention(q, q, q, (1, 1, 1025), (1, 1, 1), (1, 1, 3), backend="triton")
 
 
+def test_too_large_window_box_raises():
+    q = torch.randn(1, 600 * 600, 1, 16)
+    with pytest.raises(ValueError, match=r"prod_a min\(n_a, 2 \* w_a\) < 262144 tiles .* got 360000"):
+        local_attention(q, q, q, (1, 600, 600), (1, 1, 1), (1, 600, 600), backend="triton")
+
+
 def test_mixed_devices_raise():
     q = torch.randn(1, 16, 1, 16)
     with pytest.raises(ValueError, match="must be on one device"):

@@ -1,12 +1,13 @@
 """Public entry point: :func:`local_attention`."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from .._checks import check_tensors, resolve_backend
-from ..index_math import SMALL_DIVMOD_MAX_D
+from ..index_math import SMALL_DIVMOD_MAX_D, SMALL_DIVMOD_MAX_N
 from ..layout import TileLayout
 from .reference import local_attention_reference
 
@@ -53,11 +54,20 @@ def local_attention(
     if chosen == "torch":
         out, lse = local_attention_reference(q, k, v, layout, scale)
     else:
-        # The kernels walk window boxes with fastvmt_kernels.index_math (tile counts per axis up to this bound).
+        # The kernels walk boxes of tiles with fastvmt_kernels.index_math: up to SMALL_DIVMOD_MAX_D tiles per axis
+        # and fewer than SMALL_DIVMOD_MAX_N tiles per box (a window's key tiles, or the query tiles whose windows
+        # hold a key tile: at most 2 w_a per axis at the shifted borders).
         if max(layout.num_tiles) > SMALL_DIVMOD_MAX_D:
             raise ValueError(
                 f"the triton backend supports up to {SMALL_DIVMOD_MAX_D} tiles per axis, got {layout.num_tiles} "
                 f"(grid {layout.grid}, tile {layout.tile}); use larger tiles or backend='torch'"
+            )
+        box_tiles = math.prod(min(n, 2 * w) for n, w in zip(layout.num_tiles, layout.window_tiles))
+        if box_tiles >= SMALL_DIVMOD_MAX_N:
+            raise ValueError(
+                f"the triton backend needs prod_a min(n_a, 2 * w_a) < {SMALL_DIVMOD_MAX_N} tiles (n: tiles, w: "
+                f"window tiles per axis), got {box_tiles} for n = {layout.num_tiles}, w = {layout.window_tiles}; "
+                "use larger tiles, a smaller window or backend='torch'"
             )
         from .op import local_attention_triton
 
