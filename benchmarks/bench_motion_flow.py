@@ -73,8 +73,10 @@ DITFLOW_TEMPERATURE = 2.0
 # FWD_TILE_GROUP / BWD_TILE_GROUP in fastvmt_kernels/motion_flow/kernels.py); fwd1x1_bwd1x1 is one tile per program.
 # Optional suffixes override the fine passes' warps (_w), every kernel's pipeline stages (_s) and the fine passes'
 # register cap (_r). The group shapes of run 3 (benchmarks/results/motion_flow_gpu.md) not repeated here were slower.
-ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd1x2_bwd1x2", "fused_fwd2x1_bwd2x1_w8", "fused_fwd2x1_bwd2x1_s3",
-             "fused_fwd2x1_bwd2x1_r128", "fused_fwd2x1_bwd2x1_s1_r128", "fused_fwd2x2_bwd2x2_r128")
+# Forward groups of >= 64 query slots (2x2, 4x1 of 3x4 tiles) run query-major (kernels.fine_launch).
+ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd1x2_bwd1x2", "fused_fwd2x2_bwd2x1", "fused_fwd4x1_bwd2x1",
+             "fused_fwd2x1_bwd2x1_w8", "fused_fwd2x1_bwd2x1_s3", "fused_fwd2x1_bwd2x1_r128",
+             "fused_fwd2x2_bwd2x1_s1_r128", "fused_fwd2x2_bwd2x2_r128")
 # Suffix of a provider whose step is captured once in a CUDA graph and replayed: the GPU time of the step without
 # the host's cost of queueing it (what torch.compile(mode="reduce-overhead") or a captured pipeline gets).
 GRAPHED = "+cuda_graph"
@@ -246,7 +248,8 @@ def test_motion_flow(benchmark, provider, monkeypatch):
         monkeypatch.setattr(flow_op, "FWD_TILE_GROUP", tuple(int(v) for v in fwd.split("x")))
         monkeypatch.setattr(flow_op, "BWD_TILE_GROUP", tuple(int(v) for v in bwd.split("x")))
         if warps:
-            monkeypatch.setattr(flow_op, "fine_num_warps", lambda block_q: int(warps))
+            launch = flow_op.fine_launch
+            monkeypatch.setattr(flow_op, "fine_launch", lambda block_q, backward: (int(warps), launch(block_q, backward)[1]))
         if stages:
             monkeypatch.setattr(flow_op, "NUM_STAGES", int(stages))
         if registers:

@@ -68,13 +68,23 @@ MAX_FLOOR = tl.constexpr(-1.0e30)
 # The forward's per-block key sums as one three-operand reduction (fewer barriers in SASS). The Triton interpreter
 # runs a custom combine function element by element in Python (~4x slower tests), so it takes three tl.sum there.
 FUSED_KEY_SUMS = os.environ.get("TRITON_INTERPRET") != "1"
-WIDE_BLOCK_Q = 64  # fine-pass programs with at least this many query slots run WIDE_NUM_WARPS warps
+WIDE_BLOCK_Q = 64  # query slots that fill a Hopper MMA's 64 rows (wgmma M = 64 per warpgroup)
 WIDE_NUM_WARPS = 8
 
 
-def fine_num_warps(block_q: int) -> int:
-    """Warps of a fine-pass program with ``block_q`` query slots (wide groups need 8 to stay off local memory)."""
-    return WIDE_NUM_WARPS if block_q >= WIDE_BLOCK_Q else NUM_WARPS
+def fine_launch(block_q: int, backward: bool):
+    """(warps, query-major forward) of a fine-pass program with ``block_q`` query slots.
+
+    Narrow groups put the keys on the MMA's 64 rows (keys x queries; the per-query reductions then cross the
+    warps). From WIDE_BLOCK_Q slots the forward turns query-major (queries x keys, each warp owning whole query
+    rows: sm_90a SASS per 64-key step, 2 x 2 groups of 3 x 4 tiles: 923 instructions for 32 scores per thread,
+    against 820 for 16 in the keys-major 2 x 1 default; 2 barriers instead of 6; 125 registers) at 4 warps; the
+    wide backward (keys-major) needs 8 warps to stay off local memory.
+    """
+    wide = block_q >= WIDE_BLOCK_Q
+    if backward:
+        return (WIDE_NUM_WARPS if wide else NUM_WARPS), False
+    return NUM_WARPS, wide
 
 
 @triton.jit
@@ -255,6 +265,14 @@ def _in_own_window(ky, kx, oy, ox, win_h, win_w):
 
 
 @triton.jit
+def _in_own_window_t(ky, kx, oy, ox, win_h, win_w):
+    """``_in_own_window`` transposed: a (BLOCK_Q queries, BLOCK_N keys) mask."""
+    dy = (ky[None, :] - oy[:, None]).to(tl.uint32, bitcast=True)
+    dx = (kx[None, :] - ox[:, None]).to(tl.uint32, bitcast=True)
+    return (dy < win_h.to(tl.uint32)) & (dx < win_w.to(tl.uint32))
+
+
+@triton.jit
 def _fine_fwd_kernel(
     q_ptr, k_ptr, pair_i_ptr, pair_j_ptr, win_ptr, flow_ptr, lse_ptr,
     stride_qb, stride_qf, stride_qs,
@@ -264,6 +282,7 @@ def _fine_fwd_kernel(
     n_groups_x, n_tiles_x, frame_h, frame_w, tile_h, tile_w, win_h, win_w, qk_scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP_Y: tl.constexpr, GROUP_X: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_SUMS: tl.constexpr,
+    QUERY_MAJOR: tl.constexpr,
 ):
     """Flow and base-2 log-sum-exp of one group of tiles' queries for one (pair, batch).
 
@@ -282,8 +301,12 @@ def _fine_fwd_kernel(
     )
     offs_d = tl.arange(0, D_PAD)
     q_base = q_ptr + b * stride_qb + fi * stride_qf
-    qt = tl.load(q_base + q_tok[None, :].to(tl.int64) * stride_qs + offs_d[:, None],
-                 mask=_with_dims(q_ok, offs_d, HEAD_DIM, D_PAD, 0), other=0.0)
+    if QUERY_MAJOR:
+        qt = tl.load(q_base + q_tok[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
+                     mask=_with_dims(q_ok, offs_d, HEAD_DIM, D_PAD, 1), other=0.0)  # (BLOCK_Q, D)
+    else:
+        qt = tl.load(q_base + q_tok[None, :].to(tl.int64) * stride_qs + offs_d[:, None],
+                     mask=_with_dims(q_ok, offs_d, HEAD_DIM, D_PAD, 0), other=0.0)  # (D, BLOCK_Q)
     w_ptrs = win_ptr + b * stride_wb + pair * stride_wp + q_tile.to(tl.int64) * stride_wn
     oy, ox, box_y, box_x, box_w, inv_box_w, n_box = _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w)
     k_base = k_ptr + b * stride_qb + fj * stride_qf
@@ -296,18 +319,29 @@ def _fine_fwd_kernel(
         ky, kx, k_tok = _window_keys(start, box_y, box_x, box_w, inv_box_w, n_box, frame_w, BLOCK_N)
         kb = _load_key_rows(k_base + k_tok[:, None].to(tl.int64) * stride_qs + offs_d[None, :], offs_d, HEAD_DIM,
                             D_PAD)
-        s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_N keys, BLOCK_Q queries)
-        s = tl.where(_in_own_window(ky, kx, oy, ox, win_h, win_w), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[None, :])
-        if FUSED_SUMS:  # one three-operand reduction: the warps exchange partial sums once, not three times
-            blk_l, blk_y, blk_x = tl.reduce((p, p * ky.to(tl.float32)[:, None], p * kx.to(tl.float32)[:, None]), 0,
-                                            _add3)
-        else:
-            blk_l = tl.sum(p, 0)
-            blk_y = tl.sum(p * ky.to(tl.float32)[:, None], 0)
-            blk_x = tl.sum(p * kx.to(tl.float32)[:, None], 0)
+        if QUERY_MAJOR:  # (BLOCK_Q queries, BLOCK_N keys): each warp owns whole query rows, reductions stay in it
+            s = tl.dot(qt, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale_log2
+            s = tl.where(_in_own_window_t(ky, kx, oy, ox, win_h, win_w), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            blk_l = tl.sum(p, 1)
+            blk_y = tl.sum(p * ky.to(tl.float32)[None, :], 1)
+            blk_x = tl.sum(p * kx.to(tl.float32)[None, :], 1)
+        else:  # (BLOCK_N keys, BLOCK_Q queries): the keys fill the MMA's 64 rows, reductions cross the warps
+            s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2
+            s = tl.where(_in_own_window(ky, kx, oy, ox, win_h, win_w), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[None, :])
+            if FUSED_SUMS:  # one three-operand reduction: the warps exchange partial sums once, not three times
+                blk_l, blk_y, blk_x = tl.reduce(
+                    (p, p * ky.to(tl.float32)[:, None], p * kx.to(tl.float32)[:, None]), 0, _add3
+                )
+            else:
+                blk_l = tl.sum(p, 0)
+                blk_y = tl.sum(p * ky.to(tl.float32)[:, None], 0)
+                blk_x = tl.sum(p * kx.to(tl.float32)[:, None], 0)
         l_i = l_i * alpha + blk_l
         sum_y = sum_y * alpha + blk_y
         sum_x = sum_x * alpha + blk_x
@@ -391,6 +425,7 @@ def _fine_bwd_kernel(
 
 _INSPECT_DIM = 128
 _INSPECT_TILE_SLOTS = 12  # Wan's 3 x 4 tiles
+INSPECT_WIDE_FWD_GROUP = (2, 2)  # a forward group wide enough to run query-major (benchmark ablation)
 
 
 def inspect_specs():
@@ -414,7 +449,7 @@ def inspect_specs():
     fwd = sig(
         _fine_fwd_kernel,
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "pair_i_ptr": "*i32", "pair_j_ptr": "*i32", "win_ptr": "*i64",
-         "flow_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale_log2": "fp32", "FUSED_SUMS": "constexpr", **dims,
+         "flow_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale_log2": "fp32", "FUSED_SUMS": "constexpr", "QUERY_MAJOR": "constexpr", **dims,
          **fine_blocks},
     )
     bwd = sig(
@@ -438,21 +473,24 @@ def inspect_specs():
         )
     ]
     fine = (("fwd", _fine_fwd_kernel, fwd, FWD_TILE_GROUP), ("bwd", _fine_bwd_kernel, bwd, BWD_TILE_GROUP))
-    for cap in (FINE_MAX_REGISTERS, CAPPED_MAX_REGISTERS):
-        for label, fn, signature, group in fine:
-            block_q = slots(group)
-            specs.append(
-                KernelSpec(
-                    f"motion_flow_fine_{label} bf16 d128 tile3x4 group{group[0]}x{group[1]}"
-                    + (f" maxnreg{cap}" if cap is not None else ""),
-                    fn,
-                    signature,
-                    dict(dim_constexprs, BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N, GROUP_Y=group[0], GROUP_X=group[1],
-                         **({"FUSED_SUMS": True} if label == "fwd" else {})),
-                    divisible=ptr_names(signature) + ["stride_qb", "stride_qf", "stride_qs"],
-                    num_warps=fine_num_warps(block_q),
-                    num_stages=NUM_STAGES,
-                    max_registers=cap,
-                )
+    configs = [(label, fn, signature, group, cap) for cap in (FINE_MAX_REGISTERS, CAPPED_MAX_REGISTERS)
+               for label, fn, signature, group in fine]
+    configs.append(("fwd", _fine_fwd_kernel, fwd, INSPECT_WIDE_FWD_GROUP, FINE_MAX_REGISTERS))  # query-major
+    for label, fn, signature, group, cap in configs:
+        block_q = slots(group)
+        specs.append(
+            KernelSpec(
+                f"motion_flow_fine_{label} bf16 d128 tile3x4 group{group[0]}x{group[1]}"
+                + (f" maxnreg{cap}" if cap is not None else ""),
+                fn,
+                signature,
+                dict(dim_constexprs, BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N, GROUP_Y=group[0], GROUP_X=group[1],
+                     **({"FUSED_SUMS": True, "QUERY_MAJOR": fine_launch(block_q, False)[1]}
+                        if label == "fwd" else {})),
+                divisible=ptr_names(signature) + ["stride_qb", "stride_qf", "stride_qs"],
+                num_warps=fine_launch(block_q, label == "bwd")[0],
+                num_stages=NUM_STAGES,
+                max_registers=cap,
             )
+        )
     return specs

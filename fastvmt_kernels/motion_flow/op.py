@@ -31,7 +31,7 @@ from .kernels import (
     _coarse_kernel,
     _fine_bwd_kernel,
     _fine_fwd_kernel,
-    fine_num_warps,
+    fine_launch,
 )
 
 Tensor = torch.Tensor
@@ -86,6 +86,7 @@ def launch_fine_forward(
     """Fill ``flow`` (B, P, S, 2) fp32 and ``lse`` (B, P, S) fp32 (base 2). q, k: (B, F, S, D) contiguous."""
     b, _, _, dim = q.shape
     group, block_q, n_groups_x, n_groups = _tile_groups(geo, FWD_TILE_GROUP)
+    num_warps, query_major = fine_launch(block_q, backward=False)
     grid = (n_groups, table.pairs.shape[0], b)
     _fine_fwd_kernel[grid](
         q, k, table.pair_i, table.pair_j, windows, flow, lse,
@@ -97,7 +98,7 @@ def launch_fine_forward(
         temperature / math.sqrt(dim) * LOG2E,
         HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
         BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype), FUSED_SUMS=FUSED_KEY_SUMS,
-        num_warps=fine_num_warps(block_q), num_stages=NUM_STAGES, maxnreg=FINE_MAX_REGISTERS,
+        QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=NUM_STAGES, maxnreg=FINE_MAX_REGISTERS,
     )
 
 
@@ -121,7 +122,7 @@ def launch_fine_backward(
         temperature / math.sqrt(dim) * LOG2E, temperature / math.sqrt(dim),
         HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
         BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=fine_num_warps(block_q), num_stages=NUM_STAGES, maxnreg=FINE_MAX_REGISTERS,
+        num_warps=fine_launch(block_q, backward=True)[0], num_stages=NUM_STAGES, maxnreg=FINE_MAX_REGISTERS,
     )
 
 
