@@ -73,10 +73,10 @@ DITFLOW_TEMPERATURE = 2.0
 # FWD_TILE_GROUP / BWD_TILE_GROUP in fastvmt_kernels/motion_flow/kernels.py); fwd1x1_bwd1x1 is one tile per program.
 # Optional suffixes override the fine passes' warps (_w), every kernel's pipeline stages (_s) and the fine passes'
 # register cap (_r). The group shapes of run 3 (benchmarks/results/motion_flow_gpu.md) not repeated here were slower.
-# Forward groups of >= 64 query slots (2x2, 4x1 of 3x4 tiles) run query-major (kernels.fine_launch).
+# Groups of >= 64 query slots (2x2, 4x1 of 3x4 tiles) run query-major (kernels.fine_launch).
 ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd1x2_bwd1x2", "fused_fwd2x2_bwd2x1", "fused_fwd4x1_bwd2x1",
-             "fused_fwd2x1_bwd2x1_w8", "fused_fwd2x1_bwd2x1_s3", "fused_fwd2x1_bwd2x1_r128",
-             "fused_fwd2x2_bwd2x1_s1_r128", "fused_fwd2x2_bwd2x2_r128")
+             "fused_fwd2x2_bwd2x2", "fused_fwd2x1_bwd2x1_r128", "fused_fwd2x2_bwd2x2_r128")
+DRY_ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd2x2_bwd2x2_w4_s1_r128")  # both orientations, every suffix
 # Suffix of a provider whose step is captured once in a CUDA graph and replayed: the GPU time of the step without
 # the host's cost of queueing it (what torch.compile(mode="reduce-overhead") or a captured pipeline gets).
 GRAPHED = "+cuda_graph"
@@ -84,7 +84,7 @@ PROVIDERS = {
     "gpu": ("fused", *ABLATIONS, "dense_global", "dense_gather_local", "fused" + GRAPHED, "dense_global" + GRAPHED),
     "cpu": ("chunked_reference", "dense_global", "dense_gather_local"),
     "cpu_wan": ("chunked_reference", "dense_gather_local"),
-    "dry": ("fused", ABLATIONS[0], ABLATIONS[-2], "chunked_reference", "dense_global", "dense_gather_local"),
+    "dry": ("fused", *DRY_ABLATIONS, "chunked_reference", "dense_global", "dense_gather_local"),
 }[MODE]
 FP32, KEY_BYTES, INDEX_BYTES = 4, 2, 8
 SANITY_REL_TOL = 2e-2  # fused vs the fp32 reference on the same windows (bf16 inputs on GPU)  # fp32 maps, bf16 q/k (Wan), int64 window origins

@@ -69,22 +69,20 @@ MAX_FLOOR = tl.constexpr(-1.0e30)
 # runs a custom combine function element by element in Python (~4x slower tests), so it takes three tl.sum there.
 FUSED_KEY_SUMS = os.environ.get("TRITON_INTERPRET") != "1"
 WIDE_BLOCK_Q = 64  # query slots that fill a Hopper MMA's 64 rows (wgmma M = 64 per warpgroup)
-WIDE_NUM_WARPS = 8
 
 
 def fine_launch(block_q: int, backward: bool):
-    """(warps, query-major forward) of a fine-pass program with ``block_q`` query slots.
+    """(warps, query-major) of a fine-pass program with ``block_q`` query slots, forward or backward.
 
-    Narrow groups put the keys on the MMA's 64 rows (keys x queries; the per-query reductions then cross the
-    warps). From WIDE_BLOCK_Q slots the forward turns query-major (queries x keys, each warp owning whole query
-    rows: sm_90a SASS per 64-key step, 2 x 2 groups of 3 x 4 tiles: 923 instructions for 32 scores per thread,
-    against 820 for 16 in the keys-major 2 x 1 default; 2 barriers instead of 6; 125 registers) at 4 warps; the
-    wide backward (keys-major) needs 8 warps to stay off local memory.
+    Narrow groups put the keys on the MMA's 64 rows (keys x queries; the forward's per-query reductions then cross
+    the warps). From WIDE_BLOCK_Q slots both passes turn query-major (queries x keys, each warp owning whole query
+    rows) at 4 warps. sm_90a SASS per 64-key step and thread, 3 x 4 tiles: forward 820 instructions for 16 scores
+    (2 x 1 group, keys-major) vs 923 for 32 (2 x 2, query-major; 2 barriers instead of 6, 125 registers);
+    backward 933 for 16 vs 1336 for 32 (the keys-major 2 x 2 backward needed 8 warps: 1019 for 16). A 2 x 2 group
+    also shares one window box among 48 queries instead of 24, so the backward adds a third fewer dk atomics.
     """
-    wide = block_q >= WIDE_BLOCK_Q
-    if backward:
-        return (WIDE_NUM_WARPS if wide else NUM_WARPS), False
-    return NUM_WARPS, wide
+    del backward  # the same rule for both passes (kept in the signature: the benchmark overrides per pass)
+    return NUM_WARPS, block_q >= WIDE_BLOCK_Q
 
 
 @triton.jit
@@ -364,7 +362,7 @@ def _fine_bwd_kernel(
     stride_gb, stride_gp, stride_gs,
     n_groups_x, n_tiles_x, frame_h, frame_w, tile_h, tile_w, win_h, win_w, qk_scale_log2, ds_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP_Y: tl.constexpr, GROUP_X: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, QUERY_MAJOR: tl.constexpr,
 ):
     """dq of one group of tiles of frame i (all pairs of i, written once) and its atomic dk contributions.
 
@@ -382,11 +380,17 @@ def _fine_bwd_kernel(
     q_tok64 = q_tok.to(tl.int64)
     offs_d = tl.arange(0, D_PAD)
     q_base = b * stride_qb + fi * stride_qf
-    q_mask = _with_dims(q_ok, offs_d, HEAD_DIM, D_PAD, 0)  # (D_PAD, BLOCK_Q)
-    qt = tl.load(q_ptr + q_base + q_tok64[None, :] * stride_qs + offs_d[:, None], mask=q_mask, other=0.0)
+    if QUERY_MAJOR:  # q and dq as (BLOCK_Q, D_PAD)
+        q_mask = _with_dims(q_ok, offs_d, HEAD_DIM, D_PAD, 1)
+        q_offs = q_base + q_tok64[:, None] * stride_qs + offs_d[None, :]
+        dqt = tl.zeros([BLOCK_Q, D_PAD], tl.float32)
+    else:  # transposed, (D_PAD, BLOCK_Q)
+        q_mask = _with_dims(q_ok, offs_d, HEAD_DIM, D_PAD, 0)
+        q_offs = q_base + q_tok64[None, :] * stride_qs + offs_d[:, None]
+        dqt = tl.zeros([D_PAD, BLOCK_Q], tl.float32)
+    qt = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)
     qy_f = qy.to(tl.float32)
     qx_f = qx.to(tl.float32)
-    dqt = tl.zeros([D_PAD, BLOCK_Q], tl.float32)
     pair_lo = tl.load(pair_off_ptr + fi).to(tl.int64)
     num_pairs = tl.load(pair_off_ptr + fi + 1) - tl.load(pair_off_ptr + fi)
     for step in range(0, num_pairs):
@@ -406,18 +410,27 @@ def _fine_bwd_kernel(
             ky, kx, k_tok = _window_keys(start, box_y, box_x, box_w, inv_box_w, n_box, frame_w, BLOCK_N)
             k_offs = k_base + k_tok[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
             kb = _load_key_rows(k_ptr + k_offs, offs_d, HEAD_DIM, D_PAD)
-            s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2
-            inside = _in_own_window(ky, kx, oy, ox, win_h, win_w)
-            p = tl.where(inside, tl.exp2(s - lse[None, :]), 0.0)
-            dpos = (ky.to(tl.float32)[:, None] - exp_y[None, :]) * g_y[None, :]
-            dpos += (kx.to(tl.float32)[:, None] - exp_x[None, :]) * g_x[None, :]
-            ds = (p * dpos * ds_scale).to(kb.dtype)  # (BLOCK_N keys, BLOCK_Q queries)
-            dqt += tl.dot(tl.trans(kb), ds, input_precision=DOT_PRECISION)
-            dkb = tl.dot(ds, tl.trans(qt), input_precision=DOT_PRECISION)
+            if QUERY_MAJOR:  # (BLOCK_Q queries, BLOCK_N keys)
+                s = tl.dot(qt, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale_log2
+                inside = _in_own_window_t(ky, kx, oy, ox, win_h, win_w)
+                p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.0)
+                dpos = (ky.to(tl.float32)[None, :] - exp_y[:, None]) * g_y[:, None]
+                dpos += (kx.to(tl.float32)[None, :] - exp_x[:, None]) * g_x[:, None]
+                ds = (p * dpos * ds_scale).to(kb.dtype)
+                dqt += tl.dot(ds, kb, input_precision=DOT_PRECISION)
+                dkb = tl.dot(tl.trans(ds), qt, input_precision=DOT_PRECISION)
+            else:  # (BLOCK_N keys, BLOCK_Q queries)
+                s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2
+                inside = _in_own_window(ky, kx, oy, ox, win_h, win_w)
+                p = tl.where(inside, tl.exp2(s - lse[None, :]), 0.0)
+                dpos = (ky.to(tl.float32)[:, None] - exp_y[None, :]) * g_y[None, :]
+                dpos += (kx.to(tl.float32)[:, None] - exp_x[None, :]) * g_x[None, :]
+                ds = (p * dpos * ds_scale).to(kb.dtype)
+                dqt += tl.dot(tl.trans(kb), ds, input_precision=DOT_PRECISION)
+                dkb = tl.dot(ds, tl.trans(qt), input_precision=DOT_PRECISION)
             _add_key_rows(dk_ptr + k_offs, dkb, offs_d, HEAD_DIM, D_PAD)
 
-    dq_ptrs = dq_ptr + q_base + q_tok64[None, :] * stride_qs + offs_d[:, None]
-    tl.store(dq_ptrs, dqt.to(dq_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(dq_ptr + q_offs, dqt.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,7 +438,7 @@ def _fine_bwd_kernel(
 
 _INSPECT_DIM = 128
 _INSPECT_TILE_SLOTS = 12  # Wan's 3 x 4 tiles
-INSPECT_WIDE_FWD_GROUP = (2, 2)  # a forward group wide enough to run query-major (benchmark ablation)
+INSPECT_WIDE_GROUP = (2, 2)  # a group wide enough to run query-major (benchmark ablations)
 
 
 def inspect_specs():
@@ -456,7 +469,7 @@ def inspect_specs():
         _fine_bwd_kernel,
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "pair_j_ptr": "*i32", "pair_off_ptr": "*i32", "win_ptr": "*i64",
          "flow_ptr": "*fp32", "lse_ptr": "*fp32", "dflow_ptr": "*fp32", "dq_ptr": "*bf16", "dk_ptr": "*fp32",
-         "qk_scale_log2": "fp32", "ds_scale": "fp32", **dims, **fine_blocks},
+         "qk_scale_log2": "fp32", "ds_scale": "fp32", "QUERY_MAJOR": "constexpr", **dims, **fine_blocks},
     )
     ptr_names = lambda s: [n for n, t in s.items() if t.startswith("*")]  # noqa: E731
     dim_constexprs = {"HEAD_DIM": _INSPECT_DIM, "D_PAD": _INSPECT_DIM, "DOT_PRECISION": "tf32"}
@@ -475,7 +488,9 @@ def inspect_specs():
     fine = (("fwd", _fine_fwd_kernel, fwd, FWD_TILE_GROUP), ("bwd", _fine_bwd_kernel, bwd, BWD_TILE_GROUP))
     configs = [(label, fn, signature, group, cap) for cap in (FINE_MAX_REGISTERS, CAPPED_MAX_REGISTERS)
                for label, fn, signature, group in fine]
-    configs.append(("fwd", _fine_fwd_kernel, fwd, INSPECT_WIDE_FWD_GROUP, FINE_MAX_REGISTERS))  # query-major
+    wide = (("fwd", _fine_fwd_kernel, fwd, INSPECT_WIDE_GROUP), ("bwd", _fine_bwd_kernel, bwd, INSPECT_WIDE_GROUP))
+    configs += [(label, fn, signature, group, cap) for cap in (FINE_MAX_REGISTERS, CAPPED_MAX_REGISTERS)
+                for label, fn, signature, group in wide]  # query-major
     for label, fn, signature, group, cap in configs:
         block_q = slots(group)
         specs.append(
@@ -485,8 +500,8 @@ def inspect_specs():
                 fn,
                 signature,
                 dict(dim_constexprs, BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N, GROUP_Y=group[0], GROUP_X=group[1],
-                     **({"FUSED_SUMS": True, "QUERY_MAJOR": fine_launch(block_q, False)[1]}
-                        if label == "fwd" else {})),
+                     QUERY_MAJOR=fine_launch(block_q, label == "bwd")[1],
+                     **({"FUSED_SUMS": True} if label == "fwd" else {})),
                 divisible=ptr_names(signature) + ["stride_qb", "stride_qf", "stride_qs"],
                 num_warps=fine_launch(block_q, label == "bwd")[0],
                 num_stages=NUM_STAGES,

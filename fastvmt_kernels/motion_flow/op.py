@@ -110,6 +110,7 @@ def launch_fine_backward(
     b, f, _, dim = q.shape
     grad_flow = grad_flow.float().contiguous()
     group, block_q, n_groups_x, n_groups = _tile_groups(geo, BWD_TILE_GROUP)
+    num_warps, query_major = fine_launch(block_q, backward=True)
     grid = (n_groups, f, b)
     _fine_bwd_kernel[grid](
         q, k, table.pair_j, table.offsets, windows, flow, lse, grad_flow, dq, dk_acc,
@@ -122,7 +123,7 @@ def launch_fine_backward(
         temperature / math.sqrt(dim) * LOG2E, temperature / math.sqrt(dim),
         HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
         BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=fine_launch(block_q, backward=True)[0], num_stages=NUM_STAGES, maxnreg=FINE_MAX_REGISTERS,
+        QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=NUM_STAGES, maxnreg=FINE_MAX_REGISTERS,
     )
 
 
