@@ -1,7 +1,6 @@
 """Public entry point: :func:`local_attention`."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -62,7 +61,9 @@ def local_attention(
                 f"the triton backend supports up to {SMALL_DIVMOD_MAX_D} tiles per axis, got {layout.num_tiles} "
                 f"(grid {layout.grid}, tile {layout.tile}); use larger tiles or backend='torch'"
             )
-        box_tiles = math.prod(min(n, 2 * w) for n, w in zip(layout.num_tiles, layout.window_tiles))
+        box_tiles = 1
+        for n, w in zip(layout.num_tiles, layout.window_tiles):  # a loop, not a generator: torch.compile traces it
+            box_tiles *= min(n, 2 * w)
         if box_tiles >= SMALL_DIVMOD_MAX_N:
             raise ValueError(
                 f"the triton backend needs prod_a min(n_a, 2 * w_a) < {SMALL_DIVMOD_MAX_N} tiles (n: tiles, w: "
