@@ -3,10 +3,9 @@
 Providers (each one step = forward + backward of ``sum(flow * g)`` w.r.t. q and k):
 
 - ``fused``: ``fastvmt_kernels.motion_flow`` with the Triton backend (FastVMT pairs: span 4, 78 pairs at F = 21).
-- ``fused_fwd{a}x{b}_bwd{c}x{d}[_w{warps}][_s{stages}][_r{registers}]`` (ablations, GPU): the same op with a x b
-  tiles per forward fine-pass program and c x d per backward program instead of the defaults (``FWD_TILE_GROUP``,
-  ``BWD_TILE_GROUP``; 1x1 = one tile each), optionally with other fine-pass warps / pipeline stages / a register
-  cap of the fine passes (``FINE_MAX_REGISTERS``: more programs per SM).
+- ``fused_fwd{a}x{b}_bwd{c}x{d}[_w{warps}][_s{stages}]`` (ablations, GPU): the same op with a x b tiles per forward
+  fine-pass program and c x d per backward program instead of the defaults (``FWD_TILE_GROUP``,
+  ``BWD_TILE_GROUP``; 1x1 = one tile each), optionally with other fine-pass warps / pipeline stages.
 - ``fused+cuda_graph``, ``dense_global+cuda_graph`` (GPU): the same steps captured in a CUDA graph and replayed.
 - ``dense_global``: DiTFlow's global AMF over all F*F ordered pairs, one einsum, full (F, F, S, S) softmax, autograd.
 - ``dense_gather_local``: the official FastVMT code's structure: a Python loop over the span pairs; self pairs are
@@ -75,8 +74,8 @@ DITFLOW_TEMPERATURE = 2.0
 # register cap (_r). The group shapes of run 3 (benchmarks/results/motion_flow_gpu.md) not repeated here were slower.
 # Groups of >= 64 query slots (2x2, 4x1 of 3x4 tiles) run query-major (kernels.fine_launch).
 ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd1x2_bwd1x2", "fused_fwd2x2_bwd2x1", "fused_fwd4x1_bwd2x1",
-             "fused_fwd2x2_bwd2x2", "fused_fwd2x1_bwd2x1_r128", "fused_fwd2x2_bwd2x2_r128")
-DRY_ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd2x2_bwd2x2_w4_s1_r128")  # both orientations, every suffix
+             "fused_fwd2x2_bwd2x2", "fused_fwd2x2_bwd2x2_s3")
+DRY_ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd2x2_bwd2x2_w4_s1")  # both orientations, every suffix
 # Suffix of a provider whose step is captured once in a CUDA graph and replayed: the GPU time of the step without
 # the host's cost of queueing it (what torch.compile(mode="reduce-overhead") or a captured pipeline gets).
 GRAPHED = "+cuda_graph"
@@ -242,9 +241,7 @@ def test_motion_flow(benchmark, provider, monkeypatch):
     if base.startswith("fused_"):  # ablation: fused_fwd{a}x{b}_bwd{c}x{d} tiles per fine-pass program
         from fastvmt_kernels.motion_flow import op as flow_op
 
-        fwd, bwd, warps, stages, registers = re.fullmatch(
-            r"fused_fwd(\d+x\d+)_bwd(\d+x\d+)(?:_w(\d+))?(?:_s(\d+))?(?:_r(\d+))?", base
-        ).groups()
+        fwd, bwd, warps, stages = re.fullmatch(r"fused_fwd(\d+x\d+)_bwd(\d+x\d+)(?:_w(\d+))?(?:_s(\d+))?", base).groups()
         monkeypatch.setattr(flow_op, "FWD_TILE_GROUP", tuple(int(v) for v in fwd.split("x")))
         monkeypatch.setattr(flow_op, "BWD_TILE_GROUP", tuple(int(v) for v in bwd.split("x")))
         if warps:
@@ -252,8 +249,6 @@ def test_motion_flow(benchmark, provider, monkeypatch):
             monkeypatch.setattr(flow_op, "fine_launch", lambda block_q, backward: (int(warps), launch(block_q, backward)[1]))
         if stages:
             monkeypatch.setattr(flow_op, "NUM_STAGES", int(stages))
-        if registers:
-            monkeypatch.setattr(flow_op, "FINE_MAX_REGISTERS", int(registers))
     geo = _geometry(SHAPE)
     b, f, d = SHAPE["batch"], SHAPE["frames"], SHAPE["dim"]
     q, k = (torch.randn(b, f, geo.num_tokens, d, device=DEVICE).to(DTYPE).requires_grad_() for _ in range(2))

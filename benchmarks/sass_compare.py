@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import RESULTS_DIR, provenance  # noqa: E402
 
 INSPECT = "fastvmt_kernels/inspect.py"
-FIELDS = ("registers", "spill_bytes", "loop_instructions")
+FIELDS = ("registers", "spill_bytes", "stack_bytes", "loop_instructions")
 
 
 def inspect_rows(tree: Path) -> Dict[str, Dict[str, object]]:

@@ -23,8 +23,8 @@ log2(e)`` folded into one multiplier), so no logits row is ever stored:
 There is no P.V product: the expectation is over 2 coordinates, so exp throughput, instruction issue and memory
 latency, not the tensor cores, bound these kernels (kernel-anchors.md). The fine loops therefore keep their integer
 work small (sm_90a SASS per 64-key step and thread, before -> after: forward 1054 -> 820 instructions, backward
-1344 -> 932; read with ``cuobjdump``): key coordinates come from an exact fp32-reciprocal division instead of a
-runtime integer division (~20 instructions per element), window membership is one unsigned range test per axis,
+1344 -> 933; benchmarks/results/sass_compare.md): key coordinates come from an exact fp32-reciprocal division
+instead of a runtime integer division (~20 instructions per element), window membership is one unsigned range test per axis,
 padding keys past a box read a real key and add an exactly zero dS row (no row masks on loads or atomics, so no
 branches around the atomics), and the forward's three per-block key sums are one reduction (6 barriers, not 12).
 
@@ -55,12 +55,6 @@ NUM_STAGES = 2
 # (64 slots, 8 warps). (1, 1) is one tile per program.
 BWD_TILE_GROUP = (2, 1)
 FWD_TILE_GROUP = (2, 1)
-# Register cap of the fine-pass programs (ptxas's .maxnreg; None = ptxas's choice). Uncapped at 4 warps, ptxas
-# takes 177 (forward) and 255 (backward) registers, so only 2 programs (8 warps) share an SM to hide the gather and
-# atomic latencies; capped at 128 both compile spill-free (python -m fastvmt_kernels.inspect) and 3-4 programs fit.
-# The fused_..._r128 ablation rows of benchmarks/bench_motion_flow.py measure both side by side on a GPU.
-FINE_MAX_REGISTERS = None
-CAPPED_MAX_REGISTERS = 128  # the capped configuration the compile report checks
 # Window origin row of invalid query slots: no key's row is within a window of it.
 FAR_ORIGIN = tl.constexpr(1 << 28)
 # Finite start of the online max: a key block holding no key of a query's window leaves that query's state unchanged.
@@ -442,8 +436,8 @@ INSPECT_WIDE_GROUP = (2, 2)  # a group wide enough to run query-major (benchmark
 
 
 def inspect_specs():
-    """GPU configurations (bf16, D = 128, 3 x 4 tiles) of the three kernels for the compile report: the defaults,
-    and the fine passes capped at CAPPED_MAX_REGISTERS (the benchmark's _r ablations), which must not spill."""
+    """GPU configurations (bf16, D = 128, 3 x 4 tiles) of the three kernels for the compile report: the default
+    tile groups and a 2 x 2 group (query-major; the benchmark's ablations)."""
     from ..inspect import KernelSpec
 
     def sig(fn, types):
@@ -486,17 +480,14 @@ def inspect_specs():
         )
     ]
     fine = (("fwd", _fine_fwd_kernel, fwd, FWD_TILE_GROUP), ("bwd", _fine_bwd_kernel, bwd, BWD_TILE_GROUP))
-    configs = [(label, fn, signature, group, cap) for cap in (FINE_MAX_REGISTERS, CAPPED_MAX_REGISTERS)
-               for label, fn, signature, group in fine]
+    configs = list(fine)
     wide = (("fwd", _fine_fwd_kernel, fwd, INSPECT_WIDE_GROUP), ("bwd", _fine_bwd_kernel, bwd, INSPECT_WIDE_GROUP))
-    configs += [(label, fn, signature, group, cap) for cap in (FINE_MAX_REGISTERS, CAPPED_MAX_REGISTERS)
-                for label, fn, signature, group in wide]  # query-major
-    for label, fn, signature, group, cap in configs:
+    configs += list(wide)  # query-major
+    for label, fn, signature, group in configs:
         block_q = slots(group)
         specs.append(
             KernelSpec(
-                f"motion_flow_fine_{label} bf16 d128 tile3x4 group{group[0]}x{group[1]}"
-                + (f" maxnreg{cap}" if cap is not None else ""),
+                f"motion_flow_fine_{label} bf16 d128 tile3x4 group{group[0]}x{group[1]}",
                 fn,
                 signature,
                 dict(dim_constexprs, BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N, GROUP_Y=group[0], GROUP_X=group[1],
@@ -505,7 +496,6 @@ def inspect_specs():
                 divisible=ptr_names(signature) + ["stride_qb", "stride_qf", "stride_qs"],
                 num_warps=fine_launch(block_q, label == "bwd")[0],
                 num_stages=NUM_STAGES,
-                max_registers=cap,
             )
         )
     return specs

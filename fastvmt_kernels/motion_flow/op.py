@@ -22,7 +22,6 @@ from .kernels import (
     FINE_BLOCK_N,
     LOG2E,
     BWD_TILE_GROUP,
-    FINE_MAX_REGISTERS,
     FUSED_KEY_SUMS,
     FWD_TILE_GROUP,
     MIN_BLOCK_Q,
@@ -98,7 +97,7 @@ def launch_fine_forward(
         temperature / math.sqrt(dim) * LOG2E,
         HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
         BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype), FUSED_SUMS=FUSED_KEY_SUMS,
-        QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=NUM_STAGES, maxnreg=FINE_MAX_REGISTERS,
+        QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=NUM_STAGES,
     )
 
 
@@ -123,7 +122,7 @@ def launch_fine_backward(
         temperature / math.sqrt(dim) * LOG2E, temperature / math.sqrt(dim),
         HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
         BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
-        QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=NUM_STAGES, maxnreg=FINE_MAX_REGISTERS,
+        QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=NUM_STAGES,
     )
 
 
