@@ -4,7 +4,8 @@
 
 No GPU needed: both trees are compiled for Hopper with ``python -m fastvmt_kernels.inspect --json`` (the base
 in a temporary ``git worktree``, run with this tree's ``fastvmt_kernels/inspect.py`` so both report the same
-columns). Reported per kernel: registers, spills and the SASS instructions of one hot-loop iteration per thread
+columns). Reported per kernel: registers, spill bytes (stack frame), spill reloads / stores per hot-loop iteration
+and the SASS instructions of one hot-loop iteration per thread
 (``fastvmt_kernels.inspect.hot_loop_instructions``): an issue-cost proxy for kernels whose inner loops are bound
 by instruction issue rather than by the tensor cores. It is not a time: GPU runs (benchmarks/gpu_suite.sh) measure
 time.
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import RESULTS_DIR, provenance  # noqa: E402
 
 INSPECT = "fastvmt_kernels/inspect.py"
-FIELDS = ("registers", "spill_bytes", "stack_bytes", "loop_instructions")
+FIELDS = ("registers", "spill_bytes", "loop_spill_loads", "loop_spill_stores", "loop_instructions")
 
 
 def inspect_rows(tree: Path) -> Dict[str, Dict[str, object]]:
@@ -78,6 +79,8 @@ def write(rows: List[Dict[str, object]], base: str, out_dir: Path) -> Path:
         f"- base: `{base}`; now: `{head.strip()}` plus uncommitted changes, if any",
         "- loop_instructions: SASS instructions of one iteration of the hot loop (innermost loop with the most "
         "HGMMA), per thread; an issue-cost proxy, not a time; empty where the kernel configuration does not exist",
+        "- spill_bytes: the stack frame ptxas spills registers to (plus local memory); loop_spill_loads / _stores: "
+        "LDL / STL instructions per hot-loop iteration",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
