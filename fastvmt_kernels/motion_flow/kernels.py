@@ -52,7 +52,8 @@ NUM_STAGES = 2
 # Tiles per fine-pass program (y, x), forward and backward. Measured on an H100 at Wan2.1-1.3B shapes (3 x 4 tiles,
 # window 21; benchmarks/results/motion_flow_gpu.md, ablation rows): fwd + bwd step 2.11 ms with 2 x 1 groups
 # (24 queries, 32 slots, 4 warps), 2.22 ms with 1 x 2, 2.92 ms with one tile per program and 2.94 ms with 2 x 2
-# (64 slots, 8 warps). (1, 1) is one tile per program.
+# (64 slots, then keys-major at 8 warps; such groups now run query-major, see fine_launch). (1, 1) is one tile per
+# program.
 BWD_TILE_GROUP = (2, 1)
 FWD_TILE_GROUP = (2, 1)
 # Window origin row of invalid query slots: no key's row is within a window of it.
@@ -65,8 +66,8 @@ FUSED_KEY_SUMS = os.environ.get("TRITON_INTERPRET") != "1"
 WIDE_BLOCK_Q = 64  # query slots that fill a Hopper MMA's 64 rows (wgmma M = 64 per warpgroup)
 
 
-def fine_launch(block_q: int, backward: bool):
-    """(warps, query-major) of a fine-pass program with ``block_q`` query slots, forward or backward.
+def fine_launch(block_q: int):
+    """(warps, query-major) of a fine-pass program (forward or backward) with ``block_q`` query slots.
 
     Narrow groups put the keys on the MMA's 64 rows (keys x queries; the forward's per-query reductions then cross
     the warps). From WIDE_BLOCK_Q slots both passes turn query-major (queries x keys, each warp owning whole query
@@ -75,7 +76,6 @@ def fine_launch(block_q: int, backward: bool):
     backward 933 for 16 vs 1336 for 32 (the keys-major 2 x 2 backward needed 8 warps: 1019 for 16). A 2 x 2 group
     also shares one window box among 48 queries instead of 24, so the backward adds a third fewer dk atomics.
     """
-    del backward  # the same rule for both passes (kept in the signature: the benchmark overrides per pass)
     return NUM_WARPS, block_q >= WIDE_BLOCK_Q
 
 
@@ -491,10 +491,10 @@ def inspect_specs():
                 fn,
                 signature,
                 dict(dim_constexprs, BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N, GROUP_Y=group[0], GROUP_X=group[1],
-                     QUERY_MAJOR=fine_launch(block_q, label == "bwd")[1],
+                     QUERY_MAJOR=fine_launch(block_q)[1],
                      **({"FUSED_SUMS": True} if label == "fwd" else {})),
                 divisible=ptr_names(signature) + ["stride_qb", "stride_qf", "stride_qs"],
-                num_warps=fine_launch(block_q, label == "bwd")[0],
+                num_warps=fine_launch(block_q)[0],
                 num_stages=NUM_STAGES,
             )
         )
