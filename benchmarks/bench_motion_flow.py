@@ -246,7 +246,7 @@ def test_motion_flow(benchmark, provider, monkeypatch):
         monkeypatch.setattr(flow_op, "BWD_TILE_GROUP", tuple(int(v) for v in bwd.split("x")))
         if warps:
             launch = flow_op.fine_launch
-            monkeypatch.setattr(flow_op, "fine_launch", lambda block_q: (int(warps), launch(block_q)[1]))
+            monkeypatch.setattr(flow_op, "fine_launch", lambda *args, **kw: (int(warps), launch(*args, **kw)[1]))
         if stages:
             monkeypatch.setattr(flow_op, "NUM_STAGES", int(stages))
     geo = _geometry(SHAPE)

@@ -64,10 +64,13 @@ MAX_FLOOR = tl.constexpr(-1.0e30)
 # runs a custom combine function element by element in Python (~4x slower tests), so it takes three tl.sum there.
 FUSED_KEY_SUMS = os.environ.get("TRITON_INTERPRET") != "1"
 WIDE_BLOCK_Q = 64  # query slots that fill a Hopper MMA's 64 rows (wgmma M = 64 per warpgroup)
+# Padded head dims above this run the backward at WIDE_DIM_NUM_WARPS warps: at 4 it stores spills in its hot loop.
+WIDE_DIM = 128
+WIDE_DIM_NUM_WARPS = 8
 
 
-def fine_launch(block_q: int):
-    """(warps, query-major) of a fine-pass program (forward or backward) with ``block_q`` query slots.
+def fine_launch(block_q: int, d_pad: int, backward: bool):
+    """(warps, query-major) of a fine-pass program with ``block_q`` query slots and head dim padded to ``d_pad``.
 
     Narrow groups put the keys on the MMA's 64 rows (keys x queries; the forward's per-query reductions then cross
     the warps). From WIDE_BLOCK_Q slots both passes turn query-major (queries x keys, each warp owning whole query
@@ -75,8 +78,11 @@ def fine_launch(block_q: int):
     (2 x 1 group, keys-major) vs 923 for 32 (2 x 2, query-major; 2 barriers instead of 6, 125 registers);
     backward 933 for 16 vs 1336 for 32 (the keys-major 2 x 2 backward needed 8 warps: 1019 for 16). A 2 x 2 group
     also shares one window box among 48 queries instead of 24, so the backward adds a third fewer dk atomics.
+    Above D = WIDE_DIM the backward takes 8 warps (D = 256 at 4 warps: 7 spill stores and 78 reloads per step in
+    the 2 x 1 keys-major loop, 335 / 452 query-major; none at 8).
     """
-    return NUM_WARPS, block_q >= WIDE_BLOCK_Q
+    warps = WIDE_DIM_NUM_WARPS if backward and d_pad > WIDE_DIM else NUM_WARPS
+    return warps, block_q >= WIDE_BLOCK_Q
 
 
 @triton.jit
@@ -431,6 +437,7 @@ def _fine_bwd_kernel(
 # Compile inspection (python -m fastvmt_kernels.inspect --filter motion_flow)
 
 _INSPECT_DIM = 128
+_INSPECT_MAX_DIM = 256
 _INSPECT_TILE_SLOTS = 12  # Wan's 3 x 4 tiles
 INSPECT_WIDE_GROUP = (2, 2)  # a group wide enough to run query-major (benchmark ablations)
 
@@ -479,22 +486,24 @@ def inspect_specs():
             num_stages=NUM_STAGES,
         )
     ]
-    fine = (("fwd", _fine_fwd_kernel, fwd, FWD_TILE_GROUP), ("bwd", _fine_bwd_kernel, bwd, BWD_TILE_GROUP))
-    configs = list(fine)
-    wide = (("fwd", _fine_fwd_kernel, fwd, INSPECT_WIDE_GROUP), ("bwd", _fine_bwd_kernel, bwd, INSPECT_WIDE_GROUP))
-    configs += list(wide)  # query-major
-    for label, fn, signature, group in configs:
+    passes = (("fwd", _fine_fwd_kernel, fwd), ("bwd", _fine_bwd_kernel, bwd))
+    # (pass, group, head dim): the default groups at Wan's D = 128 and at the largest D, and a query-major group.
+    configs = [(p, g, d) for g, d in ((FWD_TILE_GROUP, _INSPECT_DIM), (FWD_TILE_GROUP, _INSPECT_MAX_DIM),
+                                      (INSPECT_WIDE_GROUP, _INSPECT_DIM)) for p in passes]
+    for (label, fn, signature), group, dim in configs:
+        if label == "bwd" and group == FWD_TILE_GROUP:
+            group = BWD_TILE_GROUP
         block_q = slots(group)
         specs.append(
             KernelSpec(
-                f"motion_flow_fine_{label} bf16 d128 tile3x4 group{group[0]}x{group[1]}",
+                f"motion_flow_fine_{label} bf16 d{dim} tile3x4 group{group[0]}x{group[1]}",
                 fn,
                 signature,
-                dict(dim_constexprs, BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N, GROUP_Y=group[0], GROUP_X=group[1],
-                     QUERY_MAJOR=fine_launch(block_q)[1],
+                dict(dim_constexprs, HEAD_DIM=dim, D_PAD=dim, BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N,
+                     GROUP_Y=group[0], GROUP_X=group[1], QUERY_MAJOR=fine_launch(block_q, dim, label == "bwd")[1],
                      **({"FUSED_SUMS": True} if label == "fwd" else {})),
                 divisible=ptr_names(signature) + ["stride_qb", "stride_qf", "stride_qs"],
-                num_warps=fine_launch(block_q)[0],
+                num_warps=fine_launch(block_q, dim, label == "bwd")[0],
                 num_stages=NUM_STAGES,
             )
         )

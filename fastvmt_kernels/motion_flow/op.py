@@ -85,7 +85,7 @@ def launch_fine_forward(
     """Fill ``flow`` (B, P, S, 2) fp32 and ``lse`` (B, P, S) fp32 (base 2). q, k: (B, F, S, D) contiguous."""
     b, _, _, dim = q.shape
     group, block_q, n_groups_x, n_groups = _tile_groups(geo, FWD_TILE_GROUP)
-    num_warps, query_major = fine_launch(block_q)
+    num_warps, query_major = fine_launch(block_q, triton.next_power_of_2(dim), backward=False)
     grid = (n_groups, table.pairs.shape[0], b)
     _fine_fwd_kernel[grid](
         q, k, table.pair_i, table.pair_j, windows, flow, lse,
@@ -109,7 +109,7 @@ def launch_fine_backward(
     b, f, _, dim = q.shape
     grad_flow = grad_flow.float().contiguous()
     group, block_q, n_groups_x, n_groups = _tile_groups(geo, BWD_TILE_GROUP)
-    num_warps, query_major = fine_launch(block_q)
+    num_warps, query_major = fine_launch(block_q, triton.next_power_of_2(dim), backward=True)
     grid = (n_groups, f, b)
     _fine_bwd_kernel[grid](
         q, k, table.pair_j, table.offsets, windows, flow, lse, grad_flow, dq, dk_acc,
