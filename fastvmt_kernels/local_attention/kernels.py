@@ -492,11 +492,11 @@ def dot_precision(elem_bytes: int) -> str:
 # Grid and tile the GPU benchmarks use (Wan2.1 latent grid; see benchmarks/bench_local_attention.py).
 INSPECT_GRID = (21, 30, 52)
 INSPECT_TILE = (3, 10, 4)
-INSPECT_HEAD_DIMS = (64, 128)
+INSPECT_HEAD_DIMS = (64, 128, 256)
 
 
 def inspect_specs(head_dims=INSPECT_HEAD_DIMS) -> List["object"]:
-    """KernelSpecs for :mod:`fastvmt_kernels.inspect`: fwd, dq, dkdv, bf16, D = 64 and 128, benchmark tile."""
+    """KernelSpecs for :mod:`fastvmt_kernels.inspect`: fwd, dq, dkdv, bf16, D = 64, 128 and 256, benchmark tile."""
     from ..inspect import KernelSpec
 
     specs = []
