@@ -70,8 +70,7 @@ FASTVMT_TEMPERATURE = 1.0
 DITFLOW_TEMPERATURE = 2.0
 # Ablations of the fused op: tiles per program of the forward / backward fine pass (the defaults are
 # FWD_TILE_GROUP / BWD_TILE_GROUP in fastvmt_kernels/motion_flow/kernels.py); fwd1x1_bwd1x1 is one tile per program.
-# Optional suffixes override the fine passes' warps (_w), every kernel's pipeline stages (_s) and the fine passes'
-# register cap (_r). The group shapes of run 3 (benchmarks/results/motion_flow_gpu.md) not repeated here were slower.
+# Optional suffixes override the fine passes' warps (_w) and every kernel's pipeline stages (_s). The group shapes of run 3 (benchmarks/results/motion_flow_gpu.md) not repeated here were slower.
 # Groups of >= 64 query slots (2x2, 4x1 of 3x4 tiles) run query-major (kernels.fine_launch).
 ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd1x2_bwd1x2", "fused_fwd2x2_bwd2x1", "fused_fwd4x1_bwd2x1",
              "fused_fwd2x2_bwd2x2", "fused_fwd2x2_bwd2x2_s3")

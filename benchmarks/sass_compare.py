@@ -6,7 +6,7 @@ No GPU needed: both trees are compiled for Hopper with ``python -m fastvmt_kerne
 in a temporary ``git worktree``, run with this tree's ``fastvmt_kernels/inspect.py`` so both report the same
 columns). Reported per kernel: registers, spill bytes (stack frame), spill reloads / stores per hot-loop iteration
 and the SASS instructions of one hot-loop iteration per thread
-(``fastvmt_kernels.inspect.hot_loop_instructions``): an issue-cost proxy for kernels whose inner loops are bound
+(``fastvmt_kernels.inspect.hot_loop``): an issue-cost proxy for kernels whose inner loops are bound
 by instruction issue rather than by the tensor cores. It is not a time: GPU runs (benchmarks/gpu_suite.sh) measure
 time.
 """

@@ -90,11 +90,6 @@ def hot_loop(sass: str) -> List[str]:
     return best[1]
 
 
-def hot_loop_instructions(sass: str) -> int:
-    """Instructions in one iteration of the hot loop (:func:`hot_loop`), per thread; 0 if there is no loop."""
-    return len(hot_loop(sass))
-
-
 _SPILL_OP = re.compile(r"^(?:@!?U?P\w+\s+)?(STL|LDL)\b")
 
 
@@ -115,8 +110,9 @@ def compile_spec(spec: KernelSpec) -> Dict[str, Any]:
         raise ValueError(f"{spec.name}: signature must name every argument exactly; mismatch on {sorted(unknown)}")
     attrs = {(names.index(n),): [["tt.divisibility", DIVISIBILITY]] for n in spec.divisible}
     src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-    kernel = triton.compile(src, target=GPUTarget(*HOPPER), options=options)
+    kernel = triton.compile(
+        src, target=GPUTarget(*HOPPER), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:

@@ -36,7 +36,7 @@ def test_inspect_check_passes_and_local_attention_uses_hgmma_without_spills():
 
 def test_hot_loop_counter_on_synthetic_sass():
     """Innermost loop with the most HGMMA, by backward branches: the outer loop and an MMA-free loop are skipped."""
-    from fastvmt_kernels.inspect import hot_loop_instructions
+    from fastvmt_kernels.inspect import hot_loop
 
     lines = [
         "/*0000*/ MOV R1, c[0x0][0x28] ;",
@@ -51,8 +51,8 @@ def test_hot_loop_counter_on_synthetic_sass():
         "/*0090*/ @!P2 BRA 0x10 ;",
         "/*00a0*/ EXIT ;",
     ]
-    assert hot_loop_instructions("\n".join(lines)) == 4
-    assert hot_loop_instructions("/*0000*/ EXIT ;") == 0
+    assert len(hot_loop("\n".join(lines))) == 4
+    assert hot_loop("/*0000*/ EXIT ;") == []
 
 
 def test_spill_instructions_counts_stores_and_reloads():

@@ -139,6 +139,17 @@ def _load_rows(base, rows, stride_l, offs_d, valid, HEAD_DIM: tl.constexpr, MASK
 
 
 @triton.jit
+def _box_walk(t0, t1, y0, y1, x0, x1, N_SUB: tl.constexpr):
+    """Steps of a walk over the tile box [t0,t1) x [y0,y1) x [x0,x1), N_SUB sub-blocks per tile, and the box's
+    (ny, nx, 1 / ny, 1 / nx) for :func:`_box_tile`."""
+    ny = y1 - y0
+    nx = x1 - x0
+    inv_ny = 1.0 / tl.maximum(ny, 1).to(tl.float32)
+    inv_nx = 1.0 / tl.maximum(nx, 1).to(tl.float32)
+    return (t1 - t0) * ny * nx * N_SUB, ny, nx, inv_ny, inv_nx
+
+
+@triton.jit
 def _box_tile(i, t0, y0, x0, ny, nx, inv_ny, inv_nx, N_SUB: tl.constexpr):
     """Tile (ct, cy, cx) and sub-block of the i-th step when walking a box of tiles in raster order
     (inv_ny, inv_nx: 1 / ny, 1 / nx in fp32)."""
@@ -196,14 +207,11 @@ def _query_window(ct, cy, cx, NT, NY, NX, WT, WY, WX, HALF_T, HALF_Y, HALF_X, T,
 @triton.jit
 def _fwd_box(acc, l_i, m_i, q, k_base, v_base, sk_l, sv_l, offs_d, t0, t1, y0, y1, x0, x1, T, HG, WG, qk_scale,
              TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-             MASKED: tl.constexpr, IN_GRID: tl.constexpr, D_PAD: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+             MASKED: tl.constexpr, IN_GRID: tl.constexpr, D_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+             PRECISION: tl.constexpr):
     """Online-softmax accumulation over every key block of the tile box [t0,t1) x [y0,y1) x [x0,x1)."""
     N_SUB: tl.constexpr = (TT * TH * TW + BLOCK_N - 1) // BLOCK_N
-    ny = y1 - y0
-    nx = x1 - x0
-    steps = (t1 - t0) * ny * nx * N_SUB
-    inv_ny = 1.0 / tl.maximum(ny, 1).to(tl.float32)
-    inv_nx = 1.0 / tl.maximum(nx, 1).to(tl.float32)
+    steps, ny, nx, inv_ny, inv_nx = _box_walk(t0, t1, y0, y1, x0, x1, N_SUB)
     for i in range(0, steps):
         ct, cy, cx, sub = _box_tile(i, t0, y0, x0, ny, nx, inv_ny, inv_nx, N_SUB)
         rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_N, IN_GRID)
@@ -255,7 +263,8 @@ def local_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, l_i, m_i = _fwd_box(acc, l_i, m_i, q, k_base, v_base, sk_l, sv_l, offs_d, st, ft, sy, fy, sx, fx,
-                             T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, PAD_N, True, D_PAD, INTERPRET, PRECISION)
+                             T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, PAD_N, True, D_PAD, INTERPRET,
+                             PRECISION)
     if RAGGED_T:
         acc, l_i, m_i = _fwd_box(acc, l_i, m_i, q, k_base, v_base, sk_l, sv_l, offs_d, ft, et, sy, ey, sx, ex,
                                  T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_N, True, False, D_PAD, INTERPRET,
@@ -285,15 +294,11 @@ def local_attention_fwd_kernel(
 @triton.jit
 def _dq_box(dq, q, do, lse2, delta, k_base, v_base, sk_l, sv_l, offs_d, t0, t1, y0, y1, x0, x1, T, HG, WG,
             qk_scale, TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, HEAD_DIM: tl.constexpr,
-            BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IN_GRID: tl.constexpr, D_PAD: tl.constexpr, INTERPRET: tl.constexpr,
-            PRECISION: tl.constexpr):
+            BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IN_GRID: tl.constexpr, D_PAD: tl.constexpr,
+            INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dS @ K (unscaled) over every key block of the tile box."""
     N_SUB: tl.constexpr = (TT * TH * TW + BLOCK_N - 1) // BLOCK_N
-    ny = y1 - y0
-    nx = x1 - x0
-    steps = (t1 - t0) * ny * nx * N_SUB
-    inv_ny = 1.0 / tl.maximum(ny, 1).to(tl.float32)
-    inv_nx = 1.0 / tl.maximum(nx, 1).to(tl.float32)
+    steps, ny, nx, inv_ny, inv_nx = _box_walk(t0, t1, y0, y1, x0, x1, N_SUB)
     for i in range(0, steps):
         ct, cy, cx, sub = _box_tile(i, t0, y0, x0, ny, nx, inv_ny, inv_nx, N_SUB)
         rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_N, IN_GRID)
@@ -372,15 +377,11 @@ def local_attention_dq_kernel(
 @triton.jit
 def _dkdv_box(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, offs_d, t0, t1, y0, y1, x0, x1,
               T, HG, WG, qk_scale, TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IN_GRID: tl.constexpr, D_PAD: tl.constexpr, INTERPRET: tl.constexpr,
-              PRECISION: tl.constexpr):
+              BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IN_GRID: tl.constexpr, D_PAD: tl.constexpr,
+              INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dV += P^T dO and dK += dS^T Q (unscaled) over every query block of the tile box."""
     N_SUB: tl.constexpr = (TT * TH * TW + BLOCK_M - 1) // BLOCK_M
-    ny = y1 - y0
-    nx = x1 - x0
-    steps = (t1 - t0) * ny * nx * N_SUB
-    inv_ny = 1.0 / tl.maximum(ny, 1).to(tl.float32)
-    inv_nx = 1.0 / tl.maximum(nx, 1).to(tl.float32)
+    steps, ny, nx, inv_ny, inv_nx = _box_walk(t0, t1, y0, y1, x0, x1, N_SUB)
     for i in range(0, steps):
         ct, cy, cx, sub = _box_tile(i, t0, y0, x0, ny, nx, inv_ny, inv_nx, N_SUB)
         rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_M, IN_GRID)
@@ -453,16 +454,16 @@ def local_attention_dkdv_kernel(
                        PRECISION)
     if RAGGED_T:
         dk, dv = _dkdv_box(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, offs_d, ft, ht, ly,
-                           hy, lx, hx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, True, False, D_PAD, INTERPRET,
-                           PRECISION)
+                           hy, lx, hx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, True, False, D_PAD,
+                           INTERPRET, PRECISION)
     if RAGGED_Y:
         dk, dv = _dkdv_box(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, offs_d, lt, ft, fy,
-                           hy, lx, hx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, True, False, D_PAD, INTERPRET,
-                           PRECISION)
+                           hy, lx, hx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, True, False, D_PAD,
+                           INTERPRET, PRECISION)
     if RAGGED_X:
         dk, dv = _dkdv_box(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, offs_d, lt, ft, ly,
-                           fy, fx, hx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, True, False, D_PAD, INTERPRET,
-                           PRECISION)
+                           fy, fx, hx, T, HG, WG, qk_scale, TT, TH, TW, HEAD_DIM, BLOCK_M, True, False, D_PAD,
+                           INTERPRET, PRECISION)
     mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     off = b * sdk_b + h * sdk_h + rows[:, None] * sdk_l + offs_d[None, :]
     tl.store(DK + off, (dk * scale).to(DK.dtype.element_ty), mask=mask)

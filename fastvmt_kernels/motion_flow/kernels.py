@@ -24,8 +24,8 @@ There is no P.V product: the expectation is over 2 coordinates, so exp throughpu
 latency, not the tensor cores, bound these kernels (kernel-anchors.md). The fine loops therefore keep their integer
 work small (sm_90a SASS per 64-key step and thread, before -> after: forward 1054 -> 820 instructions, backward
 1344 -> 933; benchmarks/results/sass_compare.md): key coordinates come from an exact fp32-reciprocal division
-instead of a runtime integer division (~20 instructions per element), window membership is one unsigned range test per axis,
-padding keys past a box read a real key and add an exactly zero dS row (no row masks on loads or atomics, so no
+instead of a runtime integer division (~20 instructions per element), window membership is one unsigned range test
+per axis, padding keys past a box read a real key and add an exactly zero dS row (no row masks on loads or atomics, so no
 branches around the atomics), and the forward's three per-block key sums are one reduction (6 barriers, not 12).
 
 bf16 loads are upcast before any elementwise math (the interpreter's bf16 arithmetic is wrong); tl.dot takes the
@@ -250,24 +250,22 @@ def _add3(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
-def _in_own_window(ky, kx, oy, ox, win_h, win_w):
-    """(BLOCK_N keys, BLOCK_Q queries) mask: the key lies inside the query's own window.
+def _in_own_window(ky, kx, oy, ox, win_h, win_w, QUERY_MAJOR: tl.constexpr):
+    """Mask of keys inside their query's own window: (BLOCK_N keys, BLOCK_Q queries), or transposed with
+    QUERY_MAJOR.
 
     One unsigned range test per axis (``0 <= ky - oy < win_h`` as ``uint32(ky - oy) < win_h``). It also rejects
     the padding keys past the group's box (their ky is below the box, hence below every window) and invalid query
     slots (``_group_windows`` moves their windows to FAR_ORIGIN), so no validity terms are needed.
     """
-    dy = (ky[:, None] - oy[None, :]).to(tl.uint32, bitcast=True)
-    dx = (kx[:, None] - ox[None, :]).to(tl.uint32, bitcast=True)
-    return (dy < win_h.to(tl.uint32)) & (dx < win_w.to(tl.uint32))
-
-
-@triton.jit
-def _in_own_window_t(ky, kx, oy, ox, win_h, win_w):
-    """``_in_own_window`` transposed: a (BLOCK_Q queries, BLOCK_N keys) mask."""
-    dy = (ky[None, :] - oy[:, None]).to(tl.uint32, bitcast=True)
-    dx = (kx[None, :] - ox[:, None]).to(tl.uint32, bitcast=True)
-    return (dy < win_h.to(tl.uint32)) & (dx < win_w.to(tl.uint32))
+    if QUERY_MAJOR:
+        dy = ky[None, :] - oy[:, None]
+        dx = kx[None, :] - ox[:, None]
+    else:
+        dy = ky[:, None] - oy[None, :]
+        dx = kx[:, None] - ox[None, :]
+    inside_y = dy.to(tl.uint32, bitcast=True) < win_h.to(tl.uint32)
+    return inside_y & (dx.to(tl.uint32, bitcast=True) < win_w.to(tl.uint32))
 
 
 @triton.jit
@@ -319,7 +317,7 @@ def _fine_fwd_kernel(
                             D_PAD)
         if QUERY_MAJOR:  # (BLOCK_Q queries, BLOCK_N keys): each warp owns whole query rows, reductions stay in it
             s = tl.dot(qt, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale_log2
-            s = tl.where(_in_own_window_t(ky, kx, oy, ox, win_h, win_w), s, float("-inf"))
+            s = tl.where(_in_own_window(ky, kx, oy, ox, win_h, win_w, True), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -328,7 +326,7 @@ def _fine_fwd_kernel(
             blk_x = tl.sum(p * kx.to(tl.float32)[None, :], 1)
         else:  # (BLOCK_N keys, BLOCK_Q queries): the keys fill the MMA's 64 rows, reductions cross the warps
             s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2
-            s = tl.where(_in_own_window(ky, kx, oy, ox, win_h, win_w), s, float("-inf"))
+            s = tl.where(_in_own_window(ky, kx, oy, ox, win_h, win_w, False), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 0))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[None, :])
@@ -412,7 +410,7 @@ def _fine_bwd_kernel(
             kb = _load_key_rows(k_ptr + k_offs, offs_d, HEAD_DIM, D_PAD)
             if QUERY_MAJOR:  # (BLOCK_Q queries, BLOCK_N keys)
                 s = tl.dot(qt, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale_log2
-                inside = _in_own_window_t(ky, kx, oy, ox, win_h, win_w)
+                inside = _in_own_window(ky, kx, oy, ox, win_h, win_w, True)
                 p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.0)
                 dpos = (ky.to(tl.float32)[None, :] - exp_y[:, None]) * g_y[:, None]
                 dpos += (kx.to(tl.float32)[None, :] - exp_x[:, None]) * g_x[:, None]
@@ -421,7 +419,7 @@ def _fine_bwd_kernel(
                 dkb = tl.dot(tl.trans(ds), qt, input_precision=DOT_PRECISION)
             else:  # (BLOCK_N keys, BLOCK_Q queries)
                 s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2
-                inside = _in_own_window(ky, kx, oy, ox, win_h, win_w)
+                inside = _in_own_window(ky, kx, oy, ox, win_h, win_w, False)
                 p = tl.where(inside, tl.exp2(s - lse[None, :]), 0.0)
                 dpos = (ky.to(tl.float32)[:, None] - exp_y[None, :]) * g_y[None, :]
                 dpos += (kx.to(tl.float32)[:, None] - exp_x[None, :]) * g_x[None, :]
@@ -463,8 +461,8 @@ def inspect_specs():
     fwd = sig(
         _fine_fwd_kernel,
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "pair_i_ptr": "*i32", "pair_j_ptr": "*i32", "win_ptr": "*i64",
-         "flow_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale_log2": "fp32", "FUSED_SUMS": "constexpr", "QUERY_MAJOR": "constexpr", **dims,
-         **fine_blocks},
+         "flow_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale_log2": "fp32", "FUSED_SUMS": "constexpr",
+         "QUERY_MAJOR": "constexpr", **dims, **fine_blocks},
     )
     bwd = sig(
         _fine_bwd_kernel,

@@ -85,7 +85,8 @@ def launch_fine_forward(
     """Fill ``flow`` (B, P, S, 2) fp32 and ``lse`` (B, P, S) fp32 (base 2). q, k: (B, F, S, D) contiguous."""
     b, _, _, dim = q.shape
     group, block_q, n_groups_x, n_groups = _tile_groups(geo, FWD_TILE_GROUP)
-    num_warps, query_major = fine_launch(block_q, triton.next_power_of_2(dim), backward=False)
+    d_pad = triton.next_power_of_2(dim)
+    num_warps, query_major = fine_launch(block_q, d_pad, backward=False)
     grid = (n_groups, table.pairs.shape[0], b)
     _fine_fwd_kernel[grid](
         q, k, table.pair_i, table.pair_j, windows, flow, lse,
@@ -95,7 +96,7 @@ def launch_fine_forward(
         lse.stride(0), lse.stride(1),
         n_groups_x, geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], *geo.window_sides,
         temperature / math.sqrt(dim) * LOG2E,
-        HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
+        HEAD_DIM=dim, D_PAD=d_pad, GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
         BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype), FUSED_SUMS=FUSED_KEY_SUMS,
         QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=NUM_STAGES,
     )
@@ -109,7 +110,8 @@ def launch_fine_backward(
     b, f, _, dim = q.shape
     grad_flow = grad_flow.float().contiguous()
     group, block_q, n_groups_x, n_groups = _tile_groups(geo, BWD_TILE_GROUP)
-    num_warps, query_major = fine_launch(block_q, triton.next_power_of_2(dim), backward=True)
+    d_pad = triton.next_power_of_2(dim)
+    num_warps, query_major = fine_launch(block_q, d_pad, backward=True)
     grid = (n_groups, f, b)
     _fine_bwd_kernel[grid](
         q, k, table.pair_j, table.offsets, windows, flow, lse, grad_flow, dq, dk_acc,
@@ -120,7 +122,7 @@ def launch_fine_backward(
         grad_flow.stride(0), grad_flow.stride(1), grad_flow.stride(2),
         n_groups_x, geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], *geo.window_sides,
         temperature / math.sqrt(dim) * LOG2E, temperature / math.sqrt(dim),
-        HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
+        HEAD_DIM=dim, D_PAD=d_pad, GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
         BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
         QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=NUM_STAGES,
     )
