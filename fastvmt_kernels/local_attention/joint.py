@@ -1,0 +1,121 @@
+"""Local attention inside a joint sequence of video tokens and global (e.g. text) tokens.
+
+MMDiT-style video DiTs (CogVideoX, HunyuanVideo, Mochi) attend text and video tokens in one sequence instead of a
+separate cross-attention. :func:`joint_local_attention` keeps that contract while the video-to-video part runs
+block-sparse: each video query attends its local window of video keys (the rule of :func:`local_attention`) plus
+every global key; each global query attends the whole sequence densely. The two parts of a video query's softmax
+are merged exactly through their log-sum-exps (the local kernel's LSE is differentiable), so the result equals
+one softmax over the union of keys.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_tensors
+from ..layout import TileLayout
+from .interface import local_attention
+
+GLOBAL_POSITIONS = ("prefix", "suffix")
+# Logit given to masked global keys: finite, so a row whose global keys are all masked gets the merge weight
+# exp(_MASKED_LOGIT - lse) = 0 for them instead of a 0 * NaN from an all -inf softmax.
+_MASKED_LOGIT = -1e30
+
+
+def joint_local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: Sequence[int],
+    tile: Sequence[int],
+    window: Sequence[int],
+    *,
+    num_global: int,
+    global_position: str = "prefix",
+    global_key_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over a joint sequence of ``num_global`` global tokens and L = T*Hg*Wg video tokens.
+
+    Args:
+        q, k, v: (B, N, H, D), N = num_global + L. The global tokens come first (``global_position="prefix"``,
+            CogVideoX's [text, video]) or last (``"suffix"``, HunyuanVideo's [video, text]); the video tokens are
+            in raster order (t, then y, then x). One dtype among float16 / bfloat16 / float32, one device.
+        grid, tile, window: the video token grid (T, Hg, Wg), tiles (tt, th, tw) and window in tiles (wt, wh, ww),
+            exactly as :func:`local_attention`.
+        num_global: number of global tokens, 0 <= num_global < N (0 gives plain local attention).
+        global_key_mask: optional (B, num_global) bool, True where a global key may be attended (e.g. the text
+            padding mask); masked global keys are attended by no query. Video keys are never masked here.
+        scale: logit scale, default 1/sqrt(D).
+        backend: backend of the video-to-video part ("auto", "triton", "torch"; see :func:`local_attention`).
+
+    Returns:
+        out: (B, N, H, D) in q's dtype, in the input's token order. Differentiable w.r.t. q, k, v.
+
+    A video query attends the video keys of its window plus every unmasked global key; a global query attends every
+    unmasked global key and all video keys. The video queries' global-key logits form a dense (B, H, L, num_global)
+    fp32 block (num_global is small: hundreds of text tokens), merged with the local part by log-sum-exp.
+    """
+    check_tensors(("q", "k", "v"), (q, k, v), 4, "(B, N, H, D)")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"q, k, v must have the same shape (B, N, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    batch, total, _, head_dim = q.shape
+    if isinstance(num_global, bool) or not isinstance(num_global, int) or not 0 <= num_global < total:
+        raise ValueError(f"num_global must be an int in [0, N) = [0, {total}), got {num_global!r}")
+    if global_position not in GLOBAL_POSITIONS:
+        raise ValueError(f"global_position must be one of {GLOBAL_POSITIONS}, got {global_position!r}")
+    layout = TileLayout.create(grid, tile, window)
+    num_video = total - num_global
+    if layout.num_tokens != num_video:
+        raise ValueError(
+            f"grid {layout.grid} has {layout.num_tokens} tokens but q holds N - num_global = {total} - {num_global} "
+            f"= {num_video} video tokens"
+        )
+    if global_key_mask is not None:
+        if not isinstance(global_key_mask, torch.Tensor) or global_key_mask.dtype != torch.bool:
+            raise ValueError("global_key_mask must be a bool tensor of shape (B, num_global)")
+        if tuple(global_key_mask.shape) != (batch, num_global):
+            raise ValueError(
+                f"global_key_mask must have shape (B, num_global) = ({batch}, {num_global}), "
+                f"got {tuple(global_key_mask.shape)}"
+            )
+        if global_key_mask.device != q.device:
+            raise ValueError(f"global_key_mask is on {global_key_mask.device}, q on {q.device}")
+
+    prefix = global_position == "prefix"
+    video = slice(num_global, total) if prefix else slice(0, num_video)
+    out_video, lse_local = local_attention(
+        q[:, video], k[:, video], v[:, video], grid, tile, window, scale=scale, backend=backend, return_lse=True
+    )
+    if num_global == 0:
+        return out_video
+    scale = head_dim**-0.5 if scale is None else scale
+    glob = slice(0, num_global) if prefix else slice(num_video, total)
+    q_video, k_glob, v_glob = q[:, video], k[:, glob], v[:, glob]
+
+    # Video queries x global keys: a dense (B, H, L, G) block in fp32, merged with the local part by LSE.
+    logits = torch.einsum("blhd,bghd->bhlg", q_video.float(), k_glob.float()) * scale
+    if global_key_mask is not None:
+        logits = logits.masked_fill(~global_key_mask[:, None, None, :], _MASKED_LOGIT)
+    lse_glob = logits.logsumexp(-1)
+    out_glob = torch.einsum("bhlg,bghd->blhd", (logits - lse_glob[..., None]).exp(), v_glob.float())
+    lse = torch.logaddexp(lse_local, lse_glob)
+    weight_local = (lse_local - lse).exp().transpose(1, 2)[..., None]  # (B, L, H, 1)
+    weight_glob = (lse_glob - lse).exp().transpose(1, 2)[..., None]
+    out_video = (out_video.float() * weight_local + out_glob * weight_glob).to(q.dtype)
+
+    # Global queries: dense over the whole sequence (masked global keys excluded).
+    attn_mask = None
+    if global_key_mask is not None:
+        video_ok = torch.ones(batch, num_video, dtype=torch.bool, device=q.device)
+        keys_ok = torch.cat([global_key_mask, video_ok] if prefix else [video_ok, global_key_mask], dim=1)
+        attn_mask = keys_ok[:, None, None, :]  # (B, 1, 1, N): broadcast over heads and queries
+    out_global = F.scaled_dot_product_attention(
+        q[:, glob].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale
+    ).transpose(1, 2)
+    return torch.cat([out_global, out_video] if prefix else [out_video, out_global], dim=1)

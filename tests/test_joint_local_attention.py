@@ -1,0 +1,119 @@
+"""joint_local_attention (local video attention + dense global tokens) against an independent dense masked softmax.
+
+The Triton backend runs under the interpreter on CPU (tiny shapes), or compiled with FASTVMT_GPU_TESTS=1.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvmt_kernels import joint_local_attention, local_attention, local_attention_mask
+
+from _utils import REL_TOL, assert_rel_close
+
+
+def joint_mask(grid, tile, window, num_global, prefix, global_key_mask):
+    """Dense (B, N, N) bool mask of the joint rule, built independently of the implementation."""
+    local = local_attention_mask(grid, tile, window)
+    num_video = local.shape[0]
+    total = num_global + num_video
+    batch = global_key_mask.shape[0]
+    mask = torch.zeros(batch, total, total, dtype=torch.bool)
+    g = torch.arange(num_global) if prefix else torch.arange(num_video, total)
+    vid = torch.arange(num_global, total) if prefix else torch.arange(num_video)
+    for b in range(batch):
+        for qi, query in enumerate(vid.tolist()):
+            mask[b, query, vid] = local[qi]
+            mask[b, query, g] = global_key_mask[b]
+        for query in g.tolist():
+            mask[b, query, vid] = True
+            mask[b, query, g] = global_key_mask[b]
+    return mask
+
+
+def dense_masked(q, k, v, mask, scale):
+    """fp64 dense softmax attention with a (B, N, N) mask: out (B, N, H, D)."""
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    logits = logits.masked_fill(~mask[:, None].to(q.device), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v.double())
+
+
+CASES = {
+    # name: (dtype, B, H, D, grid, tile, window, num_global, position, masked)
+    "prefix-ragged-fp32": (torch.float32, 1, 2, 16, (3, 5, 7), (2, 2, 3), (1, 2, 1), 5, "prefix", False),
+    "suffix-key-mask-fp32": (torch.float32, 2, 1, 32, (2, 4, 6), (1, 2, 3), (1, 1, 1), 7, "suffix", True),
+    "prefix-key-mask-bf16": (torch.bfloat16, 2, 2, 32, (2, 4, 8), (1, 4, 4), (1, 1, 1), 6, "prefix", True),
+    "suffix-fp16": (torch.float16, 1, 1, 64, (2, 3, 8), (1, 3, 4), (2, 1, 1), 3, "suffix", False),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_dense_masked_softmax(name, backend, device):
+    dtype, b, h, d, grid, tile, window, num_global, position, masked = CASES[name]
+    num_video = grid[0] * grid[1] * grid[2]
+    q, k, v = (torch.randn(b, num_global + num_video, h, d, device=device).to(dtype).requires_grad_() for _ in range(3))
+    key_mask = torch.ones(b, num_global, dtype=torch.bool)
+    if masked:  # batch 0: some global keys masked; batch 1: every global key masked
+        key_mask[0, ::2] = False
+        key_mask[1:] = False
+    out = joint_local_attention(
+        q, k, v, grid, tile, window, num_global=num_global, global_position=position,
+        global_key_mask=key_mask.to(device) if masked else None, backend=backend,
+    )
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    mask = joint_mask(grid, tile, window, num_global, position == "prefix", key_mask)
+    expected = dense_masked(q, k, v, mask, d**-0.5)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), dout.double())
+    tol = REL_TOL[dtype]
+    assert out.dtype == dtype
+    assert_rel_close(out, expected, tol, "out")
+    for gname, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert_rel_close(g, e, 2 * tol, gname)
+
+
+def test_fully_masked_global_keys_reduce_video_queries_to_local_attention(device):
+    grid, tile, window, num_global = (2, 4, 4), (1, 2, 2), (1, 1, 1), 4
+    q, k, v = (torch.randn(1, num_global + 32, 2, 16, device=device) for _ in range(3))
+    out = joint_local_attention(
+        q, k, v, grid, tile, window, num_global=num_global,
+        global_key_mask=torch.zeros(1, num_global, dtype=torch.bool, device=device),
+    )
+    local = local_attention(q[:, num_global:], k[:, num_global:], v[:, num_global:], grid, tile, window)
+    assert_rel_close(out[:, num_global:], local, 1e-6, "video queries")
+
+
+def test_no_global_tokens_is_local_attention(device):
+    grid, tile, window = (2, 3, 5), (1, 2, 2), (1, 1, 2)
+    q, k, v = (torch.randn(2, 30, 1, 16, device=device) for _ in range(3))
+    out = joint_local_attention(q, k, v, grid, tile, window, num_global=0)
+    assert torch.equal(out, local_attention(q, k, v, grid, tile, window))
+
+
+def test_window_covering_grid_equals_full_sdpa(device):
+    grid, tile, window, num_global = (2, 3, 4), (1, 2, 2), (9, 9, 9), 5
+    q, k, v = (torch.randn(1, num_global + 24, 2, 16, device=device) for _ in range(3))
+    out = joint_local_attention(q, k, v, grid, tile, window, num_global=num_global, global_position="suffix")
+    dense = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    assert_rel_close(out, dense, 1e-5, "full window")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_global=-1), "num_global must be an int in"),
+        (dict(num_global=34), "num_global must be an int in"),
+        (dict(num_global=2.0), "num_global must be an int in"),
+        (dict(num_global=3), "video tokens"),
+        (dict(num_global=2, global_position="middle"), "global_position must be one of"),
+        (dict(num_global=2, global_key_mask=torch.ones(1, 2)), "bool tensor"),
+        (dict(num_global=2, global_key_mask=torch.ones(2, 2, dtype=torch.bool)), r"shape \(B, num_global\)"),
+        (dict(num_global=2, global_key_mask=torch.ones(1, 3, dtype=torch.bool)), r"shape \(B, num_global\)"),
+    ],
+)
+def test_bad_input_says_what_is_accepted(kwargs, match):
+    grid, tile, window = (2, 4, 4), (1, 2, 2), (1, 1, 1)
+    q, k, v = (torch.randn(1, 34, 1, 16) for _ in range(3))
+    with pytest.raises(ValueError, match=match):
+        joint_local_attention(q, k, v, grid, tile, window, **kwargs)
