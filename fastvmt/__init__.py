@@ -9,6 +9,7 @@ _LAZY_EXPORTS = {
     "FastVMTPipeline": "fastvmt.pipeline",
     "apply_local_attention": "fastvmt.processors",
     "LocalAttnProcessor": "fastvmt.processors",
+    "CogVideoXLocalAttnProcessor": "fastvmt.cogvideox",
     "QKCaptureProcessor": "fastvmt.processors",
     "attention_phase": "fastvmt.processors",
     "load_video": "fastvmt.video_io",

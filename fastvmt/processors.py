@@ -113,8 +113,9 @@ def _check_phases(phases: str) -> Tuple[str, ...]:
     return PHASES if phases == "both" else (phases,)
 
 
-class LocalAttnProcessor(WanAttnProcessor):
-    """Wan self-attention through :func:`fastvmt_kernels.local_attention` (tiled spatiotemporal window).
+class LocalWindowSettings:
+    """Tile, window, phases, backend and token grid of a local-attention processor (a mixin; the processor classes
+    add the model-specific projections).
 
     Args:
         tile: (tt, th, tw) tokens per tile.
@@ -123,9 +124,6 @@ class LocalAttnProcessor(WanAttnProcessor):
         backend: fastvmt_kernels backend ("auto": Triton on CUDA, the torch reference elsewhere).
         grid: fixed (T, Hg, Wg) token grid; None reads it per call from the transformer (set by
             :func:`apply_local_attention`'s pre-forward hook or :func:`set_token_grid`).
-
-    Cross-attention calls (``encoder_hidden_states`` given), attention masks and diffusers context parallelism fall
-    back to the stock ``WanAttnProcessor`` path.
     """
 
     def __init__(
@@ -156,10 +154,18 @@ class LocalAttnProcessor(WanAttnProcessor):
             return self.grid
         if self._grid_source is None or self._grid_source.value is None:
             raise ValueError(
-                "LocalAttnProcessor does not know the token grid: install it with fastvmt.apply_local_attention("
+                f"{type(self).__name__} does not know the token grid: install it with fastvmt.apply_local_attention("
                 "transformer, ...) (which tracks the latent shape per call) or pass grid=(T, Hg, Wg)"
             )
         return self._grid_source.value
+
+
+class LocalAttnProcessor(LocalWindowSettings, WanAttnProcessor):
+    """Wan self-attention through :func:`fastvmt_kernels.local_attention` (tiled spatiotemporal window).
+
+    Arguments as :class:`LocalWindowSettings`. Cross-attention calls (``encoder_hidden_states`` given), attention masks
+    and diffusers context parallelism fall back to the stock ``WanAttnProcessor`` path.
+    """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         local = (
@@ -202,7 +208,8 @@ def set_token_grid(transformer, latents_shape: Sequence[int]) -> None:
         holder.value = token_grid_of(transformer, latents_shape)
 
 
-def _track_token_grid(transformer) -> _TokenGrid:
+def _track_token_grid(transformer, grid_of=token_grid_of) -> _TokenGrid:
+    """Shared grid holder of ``transformer``, updated by a pre-forward hook from ``grid_of(module, input shape)``."""
     holder = getattr(transformer, GRID_ATTRIBUTE, None)
     if holder is not None:
         return holder
@@ -211,15 +218,18 @@ def _track_token_grid(transformer) -> _TokenGrid:
     def pre_forward(module, args, kwargs):
         hidden_states = kwargs.get("hidden_states", args[0] if args else None)
         if hidden_states is not None:
-            holder.value = token_grid_of(module, hidden_states.shape)
+            holder.value = grid_of(module, hidden_states.shape)
 
     holder.hook = transformer.register_forward_pre_hook(pre_forward, with_kwargs=True)
     setattr(transformer, GRID_ATTRIBUTE, holder)
     return holder
 
 
-def _self_attention_keys(transformer, blocks: Optional[Iterable[int]]) -> Sequence[str]:
-    num_blocks = len(transformer.blocks)
+def _self_attention_keys(
+    transformer, blocks: Optional[Iterable[int]], block_list: str = "blocks"
+) -> Sequence[str]:
+    """Processor keys of the self-attention (``attn1``) of ``blocks`` (None: all) in ``transformer.<block_list>``."""
+    num_blocks = len(getattr(transformer, block_list))
     if blocks is None:
         chosen = range(num_blocks)
     else:
@@ -227,7 +237,7 @@ def _self_attention_keys(transformer, blocks: Optional[Iterable[int]]) -> Sequen
         bad = [b for b in chosen if not isinstance(b, int) or b < 0 or b >= num_blocks]
         if bad:
             raise ValueError(f"blocks must be indices in [0, {num_blocks}), got {bad}")
-    return [f"blocks.{i}.attn1.processor" for i in chosen]
+    return [f"{block_list}.{i}.attn1.processor" for i in chosen]
 
 
 def apply_local_attention(
@@ -241,7 +251,9 @@ def apply_local_attention(
     """Replace the self-attention of ``blocks`` (default: all) of a Wan transformer with local attention.
 
     Args:
-        transformer: a diffusers ``WanTransformer3DModel``.
+        transformer: a diffusers ``WanTransformer3DModel``, or a ``CogVideoXTransformer3DModel`` (its joint
+            text + video attention then runs :func:`fastvmt_kernels.joint_local_attention`; see
+            :mod:`fastvmt.cogvideox`).
         tile: (tt, th, tw) tokens per tile; window: (wt, wh, ww) in tiles.
         blocks: block indices to patch, None for every block.
         phases: "both", "guidance" (only the motion-guidance passes) or "denoise" (only the denoising passes).
@@ -250,11 +262,19 @@ def apply_local_attention(
     Returns:
         The previous processors (a dict for ``transformer.set_attn_processor``, which undoes the patch).
     """
-    previous = dict(transformer.attn_processors)
-    keys = _self_attention_keys(transformer, blocks)
-    holder = _track_token_grid(transformer)
+    if type(transformer).__name__ == "CogVideoXTransformer3DModel":
+        from .cogvideox import apply_cogvideox_local_attention
+
+        return apply_cogvideox_local_attention(transformer, tile, window, blocks, phases, backend)
     processor = LocalAttnProcessor(tile=tile, window=window, phases=phases, backend=backend)
-    processor._grid_source = holder
+    return install_local_processor(transformer, processor, _self_attention_keys(transformer, blocks))
+
+
+def install_local_processor(transformer, processor: LocalWindowSettings, keys: Sequence[str], grid_of=token_grid_of):
+    """Set ``processor`` at the processor ``keys`` of ``transformer``, feeding it the token grid of every call
+    (``grid_of(transformer, input shape)`` in a pre-forward hook); returns the previous processors."""
+    previous = dict(transformer.attn_processors)
+    processor._grid_source = _track_token_grid(transformer, grid_of)
     updated = dict(previous)
     for key in keys:
         updated[key] = processor
