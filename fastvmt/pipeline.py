@@ -71,8 +71,15 @@ class FastVMTPipeline(WanPipeline):
         boundary_ratio: Optional[float] = None,
         expand_timesteps: bool = False,
     ):
-        if transformer_2 is not None or boundary_ratio is not None or expand_timesteps:
-            raise ValueError("FastVMTPipeline supports Wan2.1 (one transformer); Wan2.2 two-stage / ti2v is not supported")
+        if expand_timesteps:
+            raise ValueError(
+                "FastVMTPipeline supports Wan2.1 and Wan2.2's two-expert models (A14B); Wan2.2 TI2V (expand_timesteps, "
+                "per-token timesteps) is not supported"
+            )
+        if boundary_ratio is not None and (transformer_2 is None or not 0.0 < boundary_ratio < 1.0):
+            raise ValueError(
+                f"boundary_ratio (got {boundary_ratio!r}) must lie in (0, 1) and needs transformer_2, the low-noise expert"
+            )
         super().__init__(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
@@ -88,6 +95,21 @@ class FastVMTPipeline(WanPipeline):
             self.vae_scale_factor_spatial = 1
             self.video_processor.config.vae_scale_factor = 1
         self.guidance_state: Optional[GuidanceState] = None
+
+    # ------------------------------------------------------------------ experts (Wan2.2 A14B: two transformers)
+    def expert(self, t) -> torch.nn.Module:
+        """The transformer that denoises timestep ``t``: ``transformer`` (the high-noise expert) for
+        t >= boundary_ratio * num_train_timesteps or without a boundary, else ``transformer_2`` (WanPipeline's rule).
+        Guidance passes at a denoising step use that step's expert for the reference and the target alike."""
+        boundary = self.config.boundary_ratio
+        if boundary is None or float(t) >= boundary * self.scheduler.config.num_train_timesteps:
+            return self.transformer
+        return self.transformer_2
+
+    def experts(self) -> List[torch.nn.Module]:
+        """Every transformer the pipeline may run (one for Wan2.1, two for Wan2.2 A14B)."""
+        second = self.transformer_2 if self.config.boundary_ratio is not None else None
+        return [self.transformer] + ([second] if second is not None else [])
 
     # ------------------------------------------------------------------ component interface (VAE or pixel space)
     @property
@@ -179,7 +201,7 @@ class FastVMTPipeline(WanPipeline):
         )
 
     def _check_motion_config(self, config: MotionTransferConfig, grid: Tuple[int, int, int]) -> None:
-        num_blocks = len(self.transformer.blocks)
+        num_blocks = min(len(model.blocks) for model in self.experts())
         if config.motion_block >= num_blocks:
             raise ValueError(
                 f"motion_config.motion_block = {config.motion_block} but the transformer has {num_blocks} blocks "
@@ -207,15 +229,18 @@ class FastVMTPipeline(WanPipeline):
         reference: bool,
         attention_kwargs: Optional[Dict[str, Any]] = None,
         windows: Optional[torch.Tensor] = None,
+        transformer: Optional[torch.nn.Module] = None,
     ) -> MotionFlow:
         """Truncated pass at ``config.motion_block`` and the recipe's flow; differentiable when grad is enabled.
 
         latents: (B, C, F', H', W') (any float dtype, cast to the transformer's); timestep: (B,); windows: optional
-        AMF window origins (another flow's ``.windows``) that replace the coarse pass.
+        AMF window origins (another flow's ``.windows``) that replace the coarse pass; transformer: the expert to
+        run (default ``self.transformer``).
         """
-        hidden = latents.to(self.transformer.dtype)
+        transformer = self.transformer if transformer is None else transformer
+        hidden = latents.to(transformer.dtype)
         q, k = truncated_qk(
-            self.transformer,
+            transformer,
             hidden,
             timestep,
             prompt_embeds,
@@ -251,15 +276,18 @@ class FastVMTPipeline(WanPipeline):
         reference_embeds: torch.Tensor,
         config: MotionTransferConfig,
         attention_kwargs: Optional[Dict[str, Any]] = None,
+        transformer: Optional[torch.nn.Module] = None,
     ) -> MotionFlow:
-        """The reference video's flow at noise level ``sigma`` (no grad): z = (1 - sigma) z_ref + sigma * noise."""
+        """The reference video's flow at noise level ``sigma`` (no grad): z = (1 - sigma) z_ref + sigma * noise,
+        through ``transformer`` (default ``self.transformer``)."""
         with torch.no_grad():
             noisy = (1.0 - sigma) * reference_latents + sigma * reference_noise
             timestep = torch.full(
                 (noisy.shape[0],), sigma * self.scheduler.config.num_train_timesteps, device=noisy.device
             )
             return self.motion_flow_of(
-                noisy, timestep, reference_embeds, config, reference=True, attention_kwargs=attention_kwargs
+                noisy, timestep, reference_embeds, config, reference=True, attention_kwargs=attention_kwargs,
+                transformer=transformer,
             )
 
     def guidance_loss_fn(
@@ -269,15 +297,17 @@ class FastVMTPipeline(WanPipeline):
         prompt_embeds: torch.Tensor,
         config: MotionTransferConfig,
         attention_kwargs: Optional[Dict[str, Any]] = None,
+        transformer: Optional[torch.nn.Module] = None,
     ) -> Callable[[torch.Tensor], Tuple[torch.Tensor, Dict[str, float]]]:
-        """latent (B, C, F', H', W') fp32 -> (loss, parts) for the guidance optimiser (positive prompt, no CFG)."""
+        """latent (B, C, F', H', W') fp32 -> (loss, parts) for the guidance optimiser (positive prompt, no CFG),
+        through ``transformer`` (default ``self.transformer``)."""
 
         shared_windows = ref.windows if config.recipe == "fastvmt" and config.window_source == "reference" else None
 
         def loss_fn(latent: torch.Tensor):
             gen = self.motion_flow_of(
                 latent, timestep, prompt_embeds, config, reference=False, attention_kwargs=attention_kwargs,
-                windows=shared_windows,
+                windows=shared_windows, transformer=transformer,
             )
             return motion_loss(gen, ref, self.token_frame_shape(latent.shape), config)
 
@@ -292,16 +322,21 @@ class FastVMTPipeline(WanPipeline):
         negative_prompt_embeds: Optional[torch.Tensor],
         guidance_scale: float,
         attention_kwargs: Optional[Dict[str, Any]] = None,
+        guidance_scale_2: Optional[float] = None,
     ) -> torch.Tensor:
-        """One Euler step with classifier-free guidance (dense or local attention per the "denoise" phase)."""
-        model_input = latents.to(self.transformer.dtype)
+        """One Euler step with classifier-free guidance (dense or local attention per the "denoise" phase) by the
+        expert for ``t``; ``guidance_scale_2`` (default: ``guidance_scale``) is the low-noise expert's CFG scale."""
+        model = self.expert(t)
+        # CFG runs when guidance_scale > 1 (WanPipeline's rule); the low-noise expert mixes with guidance_scale_2.
+        scale = guidance_scale_2 if model is not self.transformer and guidance_scale_2 is not None else guidance_scale
+        model_input = latents.to(model.dtype)
         timestep = t.expand(latents.shape[0])
         sigma = float(t) / self.scheduler.config.num_train_timesteps  # flow matching: timestep = 1000 * sigma
         cache = {"step_index": step_index, "sigma": sigma, "num_inference_steps": self._num_timesteps}
 
         def predict(name: str, embeds: torch.Tensor) -> torch.Tensor:
-            with self.transformer.cache_context(name, **cache):
-                return self.transformer(
+            with model.cache_context(name, **cache):
+                return model(
                     hidden_states=model_input,
                     timestep=timestep,
                     encoder_hidden_states=embeds,
@@ -313,7 +348,7 @@ class FastVMTPipeline(WanPipeline):
             noise_pred = predict("cond", prompt_embeds)
             if guidance_scale > 1.0:
                 noise_uncond = predict("uncond", negative_prompt_embeds)
-                noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+                noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
         return self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
     def default_text_length(self) -> int:
@@ -340,6 +375,7 @@ class FastVMTPipeline(WanPipeline):
         num_frames: int = 81,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
+        guidance_scale_2: Optional[float] = None,
         num_videos_per_prompt: int = 1,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         latents: Optional[torch.Tensor] = None,
@@ -357,9 +393,12 @@ class FastVMTPipeline(WanPipeline):
 
         Args:
             prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
-            num_videos_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds, return_dict,
-            attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length:
+            guidance_scale_2, num_videos_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds,
+            return_dict, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            max_sequence_length:
                 as ``WanPipeline`` (sizes are validated, never silently adjusted: see :meth:`latent_geometry`).
+                With two experts (Wan2.2 A14B: ``transformer_2`` and ``boundary_ratio``) each step runs the expert for
+                its timestep (:meth:`expert`), and a guided step's reference and target passes use that same expert.
             max_sequence_length: text tokens; default: the text length the model was trained with,
                 ``min(512, tokenizer.model_max_length)`` (512 for Wan2.1, 8 for the testbed model).
             reference_video: path (mp4, gif, folder of frames), list of PIL images, array or tensor; ``num_frames``
@@ -392,6 +431,7 @@ class FastVMTPipeline(WanPipeline):
             raise ValueError("this pipeline has no text encoder: pass prompt_embeds (and reference_prompt_embeds)")
 
         self._guidance_scale = guidance_scale
+        self._guidance_scale_2 = guidance_scale_2
         if max_sequence_length is None:
             max_sequence_length = self.default_text_length()
         self._attention_kwargs = attention_kwargs
@@ -461,7 +501,7 @@ class FastVMTPipeline(WanPipeline):
         state = GuidanceState()
         self.guidance_state = state
         num_guided = min(config.guided_steps, len(timesteps)) if guided else 0
-        fixed_reference: Optional[MotionFlow] = None
+        fixed_references: Dict[int, MotionFlow] = {}  # per expert: both videos' features from the same network
         with self.progress_bar(total=len(timesteps)) as progress_bar, contextlib.ExitStack() as stack:
             guidance_bar = stack.enter_context(self._guidance_bar(num_guided * config.inner_iters)) if num_guided else None
             for i, t in enumerate(timesteps):
@@ -469,28 +509,30 @@ class FastVMTPipeline(WanPipeline):
                     continue
                 self._current_timestep = t
                 if i < num_guided:
-                    with attention_phase("guidance"), _frozen_parameters(self.transformer):
+                    model = self.expert(t)
+                    with attention_phase("guidance"), _frozen_parameters(model):
                         if config.reference_is_fixed:
-                            if fixed_reference is None:
-                                fixed_reference = self.reference_flow(
+                            if id(model) not in fixed_references:
+                                fixed_references[id(model)] = self.reference_flow(
                                     reference_latents, reference_noise, float(config.reference_noise),
-                                    reference_prompt_embeds, config, attention_kwargs,
+                                    reference_prompt_embeds, config, attention_kwargs, transformer=model,
                                 )
-                            ref = fixed_reference
+                            ref = fixed_references[id(model)]
                         else:
                             sigma = float(self.scheduler.sigmas[(start + i) * self.scheduler.order])
                             ref = self.reference_flow(
                                 reference_latents, reference_noise, sigma, reference_prompt_embeds, config,
-                                attention_kwargs,
+                                attention_kwargs, transformer=model,
                             )
                         loss_fn = self.guidance_loss_fn(
-                            ref, t.expand(total_batch), prompt_embeds, config, attention_kwargs
+                            ref, t.expand(total_batch), prompt_embeds, config, attention_kwargs, transformer=model
                         )
                         latents = guidance_step(
                             latents, loss_fn, config, state, step_index=i, guided_index=i, progress=guidance_bar
                         )
                 latents = self.denoise_step(
-                    latents, t, i, prompt_embeds, negative_prompt_embeds, guidance_scale, attention_kwargs
+                    latents, t, i, prompt_embeds, negative_prompt_embeds, guidance_scale, attention_kwargs,
+                    guidance_scale_2,
                 )
                 if callback_on_step_end is not None:
                     available = {

@@ -70,6 +70,21 @@ def build_components(vae: bool = True, num_layers: int = 3, seed: int = 0) -> di
     )
 
 
+def two_expert_components(vae: bool = False, same_weights: bool = False, boundary_ratio: float = 0.5) -> dict:
+    """Components of a Wan2.2-A14B-style pipeline: ``transformer`` (high noise) and ``transformer_2`` (low noise, the
+    same weights perturbed unless ``same_weights``), switched at ``boundary_ratio``."""
+    import copy
+
+    components = build_components(vae=vae, num_layers=3, seed=0)
+    second = copy.deepcopy(components["transformer"])
+    if not same_weights:
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for param in second.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return dict(components, transformer_2=second, boundary_ratio=boundary_ratio)
+
+
 def tiny_pipeline_dir(path, vae: bool = True, num_layers: int = 3) -> str:
     """Save tiny components as a FastVMTPipeline folder under ``path``; returns the folder."""
     from fastvmt import FastVMTPipeline

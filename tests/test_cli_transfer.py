@@ -1,6 +1,6 @@
 """``fastvmt transfer`` end to end on a tiny random Wan2.1 pipeline folder (with the Wan VAE), CPU."""
 import pytest
-from _wan_tiny import moving_square_video, single_thread, tiny_pipeline_dir
+from _wan_tiny import moving_square_video, single_thread, tiny_pipeline_dir, two_expert_components
 
 from fastvmt.cli import build_parser, main
 from fastvmt.video_io import load_video, write_video
@@ -87,3 +87,24 @@ def test_guidance_flags_reach_the_config():
     assert (config.reuse_interval, config.carry_gradient_across_steps, config.window_source) == (5, True, "reference")
     default = _build_config(parser.parse_args(_args("m", "r.mp4", "o.mp4")))
     assert (default.reuse_interval, default.carry_gradient_across_steps, default.window_source) == (3, False, "own")
+
+
+def test_two_expert_model_gets_local_attention_on_both_and_guidance_scale_2(reference_path, tmp_path, monkeypatch):
+    import fastvmt.processors
+    from fastvmt.pipeline import FastVMTPipeline
+
+    model_dir = tmp_path / "a14b_tiny"
+    FastVMTPipeline(**two_expert_components(vae=True)).save_pretrained(str(model_dir))
+    patched, calls = [], []
+    install = fastvmt.processors.apply_local_attention
+    monkeypatch.setattr(fastvmt.processors, "apply_local_attention",
+                        lambda transformer, **kw: patched.append(transformer) or install(transformer, **kw))
+    call = FastVMTPipeline.__call__
+    monkeypatch.setattr(FastVMTPipeline, "__call__", lambda self, **kw: calls.append((self, kw)) or call(self, **kw))
+    out = tmp_path / "result.mp4"
+    flags = ("--local-attention", "both", "--local-window", "1,1,1", "--guidance-scale-2", "3.5")
+    assert main(_args(str(model_dir), reference_path, out, *flags)) == 0
+    (pipe, kwargs), = calls
+    assert [id(t) for t in patched] == [id(pipe.transformer), id(pipe.transformer_2)]
+    assert kwargs["guidance_scale_2"] == 3.5
+    assert load_video(out).shape == (9, 3, 32, 48)

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-window", type=_int_triple, default=None, help="local attention window t,h,w in tiles")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for classifier-free guidance")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    parser.add_argument("--guidance-scale-2", type=float, default=None,
+                        help="CFG scale of the low-noise expert of a two-expert model (Wan2.2 A14B; default: --guidance-scale)")
     parser.add_argument(
         "--max-sequence-length", type=int, default=None,
         help="text tokens (default: the model's, min(512, tokenizer.model_max_length))",
@@ -120,17 +122,18 @@ def run(args: argparse.Namespace) -> int:
 
     device, dtype = _resolve_device_dtype(args)
     start = time.perf_counter()
-    pipe = FastVMTPipeline.from_pretrained(args.model, torch_dtype=dtype)
+    pipe = FastVMTPipeline.from_pretrained(args.model, dtype=dtype)  # diffusers 0.42 name (torch_dtype is deprecated)
     if pipe.vae is not None:
         pipe.vae.to(torch.float32)  # the Wan VAE is numerically fragile in half precision
     pipe.to(device)
     if args.local_attention != "none":
-        apply_local_attention(
-            pipe.transformer,
-            tile=args.local_tile or DEFAULT_LOCAL_TILE,
-            window=args.local_window or DEFAULT_LOCAL_WINDOW,
-            phases=args.local_attention,
-        )
+        for transformer in pipe.experts():  # both experts of a Wan2.2 A14B model
+            apply_local_attention(
+                transformer,
+                tile=args.local_tile or DEFAULT_LOCAL_TILE,
+                window=args.local_window or DEFAULT_LOCAL_WINDOW,
+                phases=args.local_attention,
+            )
     try:
         frames = pipe(
             prompt=args.prompt,
@@ -142,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             num_frames=args.num_frames,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance_scale,
+            guidance_scale_2=args.guidance_scale_2,
             max_sequence_length=args.max_sequence_length,
             generator=torch.Generator("cpu").manual_seed(args.seed),
             output_type="np",

@@ -159,7 +159,7 @@ def load_components(directory: str, torch_dtype: torch.dtype = torch.float32):
 
     if not os.path.isfile(os.path.join(directory, "model_index.json")):
         raise ValueError(f"{directory!r} is not a testbed checkpoint folder (no model_index.json)")
-    transformer = WanTransformer3DModel.from_pretrained(directory, subfolder="transformer", torch_dtype=torch_dtype)
+    transformer = WanTransformer3DModel.from_pretrained(directory, subfolder="transformer", dtype=torch_dtype)
     text_encoder = UMT5EncoderModel.from_pretrained(directory, subfolder="text_encoder", torch_dtype=torch_dtype)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(directory, "tokenizer"))
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(directory, subfolder="scheduler")
