@@ -45,10 +45,20 @@ def _in_phase(phase: str, layer, *args):
         return layer(*args)
 
 
+def _enter_offload_hook(module) -> None:
+    """Run the accelerate hook that ``module.forward`` would run first, if any: with diffusers'
+    ``enable_model_cpu_offload`` it moves the model to the GPU (and offloads the previous one). A pass that calls the
+    blocks directly skips ``forward`` and would otherwise find the weights on the CPU."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None:
+        hook.pre_forward(module)
+
+
 def _run_blocks_manually(transformer, latents, timestep, encoder_hidden_states, block, use_checkpoint) -> None:
     """Wan2.1's forward preamble, blocks [0, block) (optionally checkpointed), then ``block`` (which stops)."""
     if timestep.ndim != 1:
         raise ValueError(f"truncated passes support per-sample timesteps (B,) only (Wan2.1), got {tuple(timestep.shape)}")
+    _enter_offload_hook(transformer)
     rotary_emb = transformer.rope(latents)
     hidden = transformer.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
     _, timestep_proj, text, _ = transformer.condition_embedder(timestep, encoder_hidden_states, None, timestep_seq_len=None)

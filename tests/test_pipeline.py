@@ -155,6 +155,27 @@ def test_checkpointing_and_mean_flow_options_run(pipe, reference):
     assert np.isfinite(out.frames).all() and pipe.guidance_state.gradient_passes == 4
 
 
+def test_checkpointed_passes_enter_the_offload_hook_like_forward(pipe, reference):
+    """With enable_model_cpu_offload, accelerate moves the transformer to the GPU in a hook before forward; the
+    checkpointed truncated pass calls the blocks directly and must run that hook too (recorded here on CPU)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class Recorder(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Recorder.calls += 1
+            return args, kwargs
+
+    add_hook_to_module(pipe.transformer, Recorder())
+    try:
+        run(pipe, reference, small_config(guided_steps=1, gradient_checkpointing=True))
+    finally:
+        remove_hook_from_module(pipe.transformer)
+    # 3 steps x 2 CFG passes + 1 reference pass (no grad: through forward) + 4 checkpointed gradient passes
+    assert Recorder.calls == 3 * 2 + 1 + 4
+
+
 def test_local_attention_in_guidance_with_full_window_matches_dense(pipe, reference):
     config = small_config(guided_steps=1)
     dense = run(pipe, reference, config, output_type="latent").frames
