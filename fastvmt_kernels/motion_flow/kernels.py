@@ -194,8 +194,8 @@ def _coarse_kernel(
 
 @triton.jit
 def _window_keys(start, oy, ox, win_w, inv_win_w, n_win, frame_w, BLOCK_N: tl.constexpr):
-    """(key y, key x, raster token) of positions [start, start + BLOCK_N) of the window (box) at (oy, ox) of
-    n_win keys, win_w wide (inv_win_w = 1 / win_w).
+    """(key y, key x, raster token, row, column) of positions [start, start + BLOCK_N) of the window (box) at
+    (oy, ox) of n_win keys, win_w wide (inv_win_w = 1 / win_w); row and column count from the window's corner.
 
     Positions past the window keep their (y, x) -- rows below it, outside every query's window, so
     ``_in_own_window`` masks them -- but their token is the window's first one: loads and the dk atomics then need
@@ -205,7 +205,7 @@ def _window_keys(start, oy, ox, win_w, inv_win_w, n_win, frame_w, BLOCK_N: tl.co
     row, col = small_divmod(offs_w, win_w, inv_win_w)
     ky = oy + row
     kx = ox + col
-    return ky, kx, tl.where(offs_w < n_win, ky * frame_w + kx, oy * frame_w + ox)
+    return ky, kx, tl.where(offs_w < n_win, ky * frame_w + kx, oy * frame_w + ox), row, col
 
 
 @triton.jit
@@ -312,9 +312,8 @@ def _fine_fwd_kernel(
     sum_y = tl.zeros([BLOCK_Q], tl.float32)
     sum_x = tl.zeros([BLOCK_Q], tl.float32)
     for start in range(0, n_box, BLOCK_N):
-        ky, kx, k_tok = _window_keys(start, box_y, box_x, box_w, inv_box_w, n_box, frame_w, BLOCK_N)
-        kb = _load_key_rows(k_base + k_tok[:, None].to(tl.int64) * stride_qs + offs_d[None, :], offs_d, HEAD_DIM,
-                            D_PAD)
+        ky, kx, k_tok, _, _ = _window_keys(start, box_y, box_x, box_w, inv_box_w, n_box, frame_w, BLOCK_N)
+        kb = _load_key_rows(k_base + (k_tok[:, None] * stride_qs + offs_d[None, :]), offs_d, HEAD_DIM, D_PAD)
         if QUERY_MAJOR:  # (BLOCK_Q queries, BLOCK_N keys): each warp owns whole query rows, reductions stay in it
             s = tl.dot(qt, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale_log2
             s = tl.where(_in_own_window(ky, kx, oy, ox, win_h, win_w, True), s, float("-inf"))
@@ -387,8 +386,6 @@ def _fine_bwd_kernel(
         q_offs = q_base + q_tok64[None, :] * stride_qs + offs_d[:, None]
         dqt = tl.zeros([D_PAD, BLOCK_Q], tl.float32)
     qt = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)
-    qy_f = qy.to(tl.float32)
-    qx_f = qx.to(tl.float32)
     pair_lo = tl.load(pair_off_ptr + fi).to(tl.int64)
     num_pairs = tl.load(pair_off_ptr + fi + 1) - tl.load(pair_off_ptr + fi)
     for step in range(0, num_pairs):
@@ -398,35 +395,38 @@ def _fine_bwd_kernel(
         oy, ox, box_y, box_x, box_w, inv_box_w, n_box = _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w)
         f_off = b * stride_fb + pair64 * stride_fp + q_tok64 * stride_fs
         g_off = b * stride_gb + pair64 * stride_gp + q_tok64 * stride_gs
-        exp_y = tl.load(flow_ptr + f_off, mask=q_ok, other=0.0) + qy_f
-        exp_x = tl.load(flow_ptr + f_off + 1, mask=q_ok, other=0.0) + qx_f
-        g_y = tl.load(dflow_ptr + g_off, mask=q_ok, other=0.0)
-        g_x = tl.load(dflow_ptr + g_off + 1, mask=q_ok, other=0.0)
+        # dS = P * ((ky - E[y]) g_y + (kx - E[x]) g_x) * ds_scale = P * (row * gy + col * gx - c), with the scale
+        # folded into gy, gx and positions counted from the box corner (small numbers: no cancellation in c).
+        gy = tl.load(dflow_ptr + g_off, mask=q_ok, other=0.0) * ds_scale
+        gx = tl.load(dflow_ptr + g_off + 1, mask=q_ok, other=0.0) * ds_scale
+        rel_y = tl.load(flow_ptr + f_off, mask=q_ok, other=0.0) + (qy - box_y).to(tl.float32)
+        rel_x = tl.load(flow_ptr + f_off + 1, mask=q_ok, other=0.0) + (qx - box_x).to(tl.float32)
+        c = rel_y * gy + rel_x * gx
         lse = tl.load(lse_ptr + b * stride_lb + pair64 * stride_lp + q_tok64, mask=q_ok, other=0.0)
         k_base = b * stride_qb + fj * stride_qf
+        k_frame = k_ptr + k_base
+        dk_frame = dk_ptr + k_base
         for start in range(0, n_box, BLOCK_N):
-            ky, kx, k_tok = _window_keys(start, box_y, box_x, box_w, inv_box_w, n_box, frame_w, BLOCK_N)
-            k_offs = k_base + k_tok[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-            kb = _load_key_rows(k_ptr + k_offs, offs_d, HEAD_DIM, D_PAD)
+            ky, kx, k_tok, row, col = _window_keys(start, box_y, box_x, box_w, inv_box_w, n_box, frame_w, BLOCK_N)
+            row_f = row.to(tl.float32)
+            col_f = col.to(tl.float32)
+            k_offs = k_tok[:, None] * stride_qs + offs_d[None, :]  # int32: S * D < 2**26 within the interface limits
+            kb = _load_key_rows(k_frame + k_offs, offs_d, HEAD_DIM, D_PAD)
             if QUERY_MAJOR:  # (BLOCK_Q queries, BLOCK_N keys)
                 s = tl.dot(qt, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale_log2
                 inside = _in_own_window(ky, kx, oy, ox, win_h, win_w, True)
                 p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.0)
-                dpos = (ky.to(tl.float32)[None, :] - exp_y[:, None]) * g_y[:, None]
-                dpos += (kx.to(tl.float32)[None, :] - exp_x[:, None]) * g_x[:, None]
-                ds = (p * dpos * ds_scale).to(kb.dtype)
+                ds = (p * (row_f[None, :] * gy[:, None] + (col_f[None, :] * gx[:, None] - c[:, None]))).to(kb.dtype)
                 dqt += tl.dot(ds, kb, input_precision=DOT_PRECISION)
                 dkb = tl.dot(tl.trans(ds), qt, input_precision=DOT_PRECISION)
             else:  # (BLOCK_N keys, BLOCK_Q queries)
                 s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2
                 inside = _in_own_window(ky, kx, oy, ox, win_h, win_w, False)
                 p = tl.where(inside, tl.exp2(s - lse[None, :]), 0.0)
-                dpos = (ky.to(tl.float32)[:, None] - exp_y[None, :]) * g_y[None, :]
-                dpos += (kx.to(tl.float32)[:, None] - exp_x[None, :]) * g_x[None, :]
-                ds = (p * dpos * ds_scale).to(kb.dtype)
+                ds = (p * (row_f[:, None] * gy[None, :] + (col_f[:, None] * gx[None, :] - c[None, :]))).to(kb.dtype)
                 dqt += tl.dot(tl.trans(kb), ds, input_precision=DOT_PRECISION)
                 dkb = tl.dot(ds, tl.trans(qt), input_precision=DOT_PRECISION)
-            _add_key_rows(dk_ptr + k_offs, dkb, offs_d, HEAD_DIM, D_PAD)
+            _add_key_rows(dk_frame + k_offs, dkb, offs_d, HEAD_DIM, D_PAD)
 
     tl.store(dq_ptr + q_offs, dqt.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
