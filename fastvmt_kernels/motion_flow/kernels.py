@@ -22,11 +22,13 @@ log2(e)`` folded into one multiplier), so no logits row is ever stored:
 
 There is no P.V product: the expectation is over 2 coordinates, so exp throughput, instruction issue and memory
 latency, not the tensor cores, bound these kernels (kernel-anchors.md). The fine loops therefore keep their integer
-work small (sm_90a SASS per 64-key step and thread, before -> after: forward 1054 -> 820 instructions, backward
-1344 -> 933; benchmarks/results/sass_compare.md): key coordinates come from an exact fp32-reciprocal division
+work small (sm_90a SASS per 64-key step and thread, before -> after: forward 1054 -> 788 instructions, backward
+1344 -> 873; benchmarks/results/sass_compare.md): key coordinates come from an exact fp32-reciprocal division
 instead of a runtime integer division (~20 instructions per element), window membership is one unsigned range test
 per axis, padding keys past a box read a real key and add an exactly zero dS row (no row masks on loads or atomics, so no
-branches around the atomics), and the forward's three per-block key sums are one reduction (6 barriers, not 12).
+branches around the atomics), the forward's three per-block key sums are one reduction (6 barriers, not 12), the
+backward forms dS as P * (row * gy + col * gx - c) (scale folded into the query's gradient, positions from the box
+corner) and key element offsets are int32 inside a frame (int64 frame base).
 
 bf16 loads are upcast before any elementwise math (the interpreter's bf16 arithmetic is wrong); tl.dot takes the
 input dtype (fp32 uses IEEE precision, not TF32).
@@ -74,9 +76,9 @@ def fine_launch(block_q: int, d_pad: int, backward: bool):
 
     Narrow groups put the keys on the MMA's 64 rows (keys x queries; the forward's per-query reductions then cross
     the warps). From WIDE_BLOCK_Q slots both passes turn query-major (queries x keys, each warp owning whole query
-    rows) at 4 warps. sm_90a SASS per 64-key step and thread, 3 x 4 tiles: forward 820 instructions for 16 scores
-    (2 x 1 group, keys-major) vs 923 for 32 (2 x 2, query-major; 2 barriers instead of 6, 125 registers);
-    backward 933 for 16 vs 1336 for 32 (the keys-major 2 x 2 backward needed 8 warps: 1019 for 16). A 2 x 2 group
+    rows) at 4 warps. sm_90a SASS per 64-key step and thread, 3 x 4 tiles: forward 788 instructions for 16 scores
+    (2 x 1 group, keys-major) vs 888 for 32 (2 x 2, query-major; 2 barriers instead of 6, 123 registers);
+    backward 873 for 16 vs 1143 for 32 (the keys-major 2 x 2 backward needed 8 warps). A 2 x 2 group
     also shares one window box among 48 queries instead of 24, so the backward adds a third fewer dk atomics.
     Above D = WIDE_DIM the backward takes 8 warps (D = 256 at 4 warps: 7 spill stores and 78 reloads per step in
     the 2 x 1 keys-major loop, 335 / 452 query-major; none at 8).
