@@ -70,11 +70,11 @@ FASTVMT_TEMPERATURE = 1.0
 DITFLOW_TEMPERATURE = 2.0
 # Ablations of the fused op: tiles per program of the forward / backward fine pass (the defaults are
 # FWD_TILE_GROUP / BWD_TILE_GROUP in fastvmt_kernels/motion_flow/kernels.py); fwd1x1_bwd1x1 is one tile per program.
-# Optional suffixes override the fine passes' warps (_w) and every kernel's pipeline stages (_s). The group shapes of run 3 (benchmarks/results/motion_flow_gpu.md) not repeated here were slower.
+# Optional suffixes override the fine passes' warps (_w), every kernel's pipeline stages (_s) and the backward's keys per step (_bn). The group shapes of run 3 (benchmarks/results/motion_flow_gpu.md) not repeated here were slower.
 # Groups of >= 64 query slots (2x2, 4x1 of 3x4 tiles) run query-major (kernels.fine_launch).
 ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd1x2_bwd1x2", "fused_fwd2x2_bwd2x1", "fused_fwd4x1_bwd2x1",
-             "fused_fwd2x2_bwd2x2", "fused_fwd2x2_bwd2x2_s3")
-DRY_ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd2x2_bwd2x2_w4_s1")  # both orientations, every suffix
+             "fused_fwd2x2_bwd2x2", "fused_fwd2x2_bwd2x2_s3", "fused_fwd2x1_bwd2x1_bn32")
+DRY_ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd2x2_bwd2x2_w4_s1_bn32")  # both orientations, every suffix
 # Suffix of a provider whose step is captured once in a CUDA graph and replayed: the GPU time of the step without
 # the host's cost of queueing it (what torch.compile(mode="reduce-overhead") or a captured pipeline gets).
 GRAPHED = "+cuda_graph"
@@ -240,7 +240,9 @@ def test_motion_flow(benchmark, provider, monkeypatch):
     if base.startswith("fused_"):  # ablation: fused_fwd{a}x{b}_bwd{c}x{d} tiles per fine-pass program
         from fastvmt_kernels.motion_flow import op as flow_op
 
-        fwd, bwd, warps, stages = re.fullmatch(r"fused_fwd(\d+x\d+)_bwd(\d+x\d+)(?:_w(\d+))?(?:_s(\d+))?", base).groups()
+        fwd, bwd, warps, stages, bwd_keys = re.fullmatch(
+            r"fused_fwd(\d+x\d+)_bwd(\d+x\d+)(?:_w(\d+))?(?:_s(\d+))?(?:_bn(\d+))?", base
+        ).groups()
         monkeypatch.setattr(flow_op, "FWD_TILE_GROUP", tuple(int(v) for v in fwd.split("x")))
         monkeypatch.setattr(flow_op, "BWD_TILE_GROUP", tuple(int(v) for v in bwd.split("x")))
         if warps:
@@ -248,6 +250,8 @@ def test_motion_flow(benchmark, provider, monkeypatch):
             monkeypatch.setattr(flow_op, "fine_launch", lambda *args, **kw: (int(warps), launch(*args, **kw)[1]))
         if stages:
             monkeypatch.setattr(flow_op, "NUM_STAGES", int(stages))
+        if bwd_keys:
+            monkeypatch.setattr(flow_op, "BWD_BLOCK_N", int(bwd_keys))
     geo = _geometry(SHAPE)
     b, f, d = SHAPE["batch"], SHAPE["frames"], SHAPE["dim"]
     q, k = (torch.randn(b, f, geo.num_tokens, d, device=DEVICE).to(DTYPE).requires_grad_() for _ in range(2))

@@ -280,14 +280,18 @@ def test_fused_key_sums_match_reference(device, monkeypatch):
         assert_rel_close(got, want, 1e-5, f"fused sums {label}")
 
 
-@pytest.mark.parametrize("fwd_group, bwd_group", [((1, 1), (1, 1)), ((2, 2), (2, 2)), ((3, 2), (1, 2)), ((4, 9), (4, 9))])
-def test_tile_groups_match_reference_with_scattered_windows(device, monkeypatch, fwd_group, bwd_group):
+@pytest.mark.parametrize(
+    "fwd_group, bwd_group, bwd_block_n",
+    [((1, 1), (1, 1), 32), ((2, 2), (2, 2), 64), ((3, 2), (1, 2), 64), ((4, 9), (4, 9), 32)],
+)
+def test_tile_groups_match_reference_with_scattered_windows(device, monkeypatch, fwd_group, bwd_group, bwd_block_n):
     """The fine passes stream the bounding box of a group of tiles' windows and mask each query to its own window:
     with random (scattered) legal origins, ragged tile groups and a non-square window, flow, dq and dk must equal
     the reference's for every group shape (1 x 1 is one tile per program; 4 x 9 exceeds the 3 x 3 tile grid, so
-    many key blocks hold no key of some queries' windows)."""
+    many key blocks hold no key of some queries' windows) and both backward key blocks, in both orientations."""
     monkeypatch.setattr(flow_op, "FWD_TILE_GROUP", fwd_group)
     monkeypatch.setattr(flow_op, "BWD_TILE_GROUP", bwd_group)
+    monkeypatch.setattr(flow_op, "BWD_BLOCK_N", bwd_block_n)
     group = (fwd_group, bwd_group)
     frame, tile, window, span = (7, 8), (3, 3), (3, 4), 3
     geo = FlowGeometry.create(frame, tile, window)

@@ -48,6 +48,10 @@ COARSE_BLOCK_M = 64
 COARSE_BLOCK_N = 64
 # Fine pass: window keys per step (the MMA M dimension); queries per tile are padded to >= MIN_BLOCK_Q.
 FINE_BLOCK_N = 64
+# Keys per backward step. At 64 (D = 128, 2 x 1 groups, 4 warps) the backward holds 255 registers and spills 240 bytes
+# outside its hot loop (reloaded once per pair); at 32 it needs 189 and spills nothing, but issues ~10% more
+# instructions per key and runs part of its products on mma.sync (benchmark ablation rows *_bn32 compare them).
+BWD_BLOCK_N = 64
 MIN_BLOCK_Q = 16
 NUM_WARPS = 4
 NUM_STAGES = 2
@@ -440,6 +444,7 @@ _INSPECT_DIM = 128
 _INSPECT_MAX_DIM = 256
 _INSPECT_TILE_SLOTS = 12  # Wan's 3 x 4 tiles
 INSPECT_WIDE_GROUP = (2, 2)  # a group wide enough to run query-major (benchmark ablations)
+INSPECT_SMALL_BWD_BLOCK_N = 32  # the backward's spill-free key block (benchmark ablation rows *_bn32)
 
 
 def inspect_specs():
@@ -488,18 +493,22 @@ def inspect_specs():
     ]
     passes = (("fwd", _fine_fwd_kernel, fwd), ("bwd", _fine_bwd_kernel, bwd))
     # (pass, group, head dim): the default groups at Wan's D = 128 and at the largest D, and a query-major group.
-    configs = [(p, g, d) for g, d in ((FWD_TILE_GROUP, _INSPECT_DIM), (FWD_TILE_GROUP, _INSPECT_MAX_DIM),
-                                      (INSPECT_WIDE_GROUP, _INSPECT_DIM)) for p in passes]
-    for (label, fn, signature), group, dim in configs:
+    configs = [(p, g, d, None) for g, d in ((FWD_TILE_GROUP, _INSPECT_DIM), (FWD_TILE_GROUP, _INSPECT_MAX_DIM),
+                                            (INSPECT_WIDE_GROUP, _INSPECT_DIM)) for p in passes]
+    configs.append((passes[1], BWD_TILE_GROUP, _INSPECT_DIM, INSPECT_SMALL_BWD_BLOCK_N))  # the spill-free ablation
+    for (label, fn, signature), group, dim, block_n in configs:
         if label == "bwd" and group == FWD_TILE_GROUP:
             group = BWD_TILE_GROUP
         block_q = slots(group)
+        if block_n is None:
+            block_n = BWD_BLOCK_N if label == "bwd" else FINE_BLOCK_N
+        suffix = "" if block_n == (BWD_BLOCK_N if label == "bwd" else FINE_BLOCK_N) else f" n{block_n}"
         specs.append(
             KernelSpec(
-                f"motion_flow_fine_{label} bf16 d{dim} tile3x4 group{group[0]}x{group[1]}",
+                f"motion_flow_fine_{label} bf16 d{dim} tile3x4 group{group[0]}x{group[1]}{suffix}",
                 fn,
                 signature,
-                dict(dim_constexprs, HEAD_DIM=dim, D_PAD=dim, BLOCK_Q=block_q, BLOCK_N=FINE_BLOCK_N,
+                dict(dim_constexprs, HEAD_DIM=dim, D_PAD=dim, BLOCK_Q=block_q, BLOCK_N=block_n,
                      GROUP_Y=group[0], GROUP_X=group[1], QUERY_MAJOR=fine_launch(block_q, dim, label == "bwd")[1],
                      **({"FUSED_SUMS": True} if label == "fwd" else {})),
                 divisible=ptr_names(signature) + ["stride_qb", "stride_qf", "stride_qs"],

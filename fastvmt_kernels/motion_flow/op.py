@@ -18,6 +18,7 @@ import triton
 from .geometry import FlowGeometry, PairTable, make_pairs, pair_table
 from .kernels import (
     COARSE_BLOCK_M,
+    BWD_BLOCK_N,
     COARSE_BLOCK_N,
     FINE_BLOCK_N,
     LOG2E,
@@ -123,7 +124,7 @@ def launch_fine_backward(
         n_groups_x, geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], *geo.window_sides,
         temperature / math.sqrt(dim) * LOG2E, temperature / math.sqrt(dim),
         HEAD_DIM=dim, D_PAD=d_pad, GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
-        BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_N=BWD_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
         QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=NUM_STAGES,
     )
 
