@@ -96,6 +96,39 @@ def test_non_contiguous_views(device):
     assert_rel_close(grad, grad_ref, 2 * REL_TOL[torch.float16], "dqkv")
 
 
+def test_views_past_the_int32_row_range_are_copied_and_outputs_rejected(device, monkeypatch):
+    """The kernels index rows as int32 ``row * stride_l + d``: a view whose offsets would not fit is read from a
+    contiguous copy (same results), and a pre-allocated output that would not fit is refused. The limit is lowered
+    here so that the packed views below (stride_l = 3 * H * D) exceed it while contiguous tensors (H * D) do not."""
+    grid, tile, window = (2, 3, 6), (1, 3, 4), (1, 1, 1)
+    b, h, d, seq = 1, 2, 32, 36
+    monkeypatch.setattr(op, "MAX_ROW_OFFSET", (seq - 1) * h * d + d)  # contiguous fits, packed does not
+    qkv = torch.randn(b, seq, 3, h, d, device=device).requires_grad_()
+    q, k, v = qkv.unbind(2)
+    assert op._rows_view(q) is not q and op._rows_view(q).is_contiguous()
+    out = local_attention(q, k, v, grid, tile, window, backend="triton")
+    dout = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, qkv, dout)
+    qkv_ref = qkv.detach().clone().requires_grad_()
+    ref, _ = local_attention_reference(*qkv_ref.unbind(2), TileLayout.create(grid, tile, window))
+    (grad_ref,) = torch.autograd.grad(ref, qkv_ref, dout)
+    assert_rel_close(out, ref, REL_TOL[torch.float32], "out")
+    assert_rel_close(grad, grad_ref, 2 * REL_TOL[torch.float32], "dqkv")
+    packed_out = torch.empty(b, seq, 3, h, d, device=device)[:, :, 0]
+    with pytest.raises(ValueError, match=r"out must have a unit-stride head dim and \(L - 1\) \* stride\(1\)"):
+        op.launch_forward(q.detach(), k.detach(), v.detach(), TileLayout.create(grid, tile, window), d**-0.5,
+                          out=packed_out)
+
+
+def test_too_many_tokens_for_int32_rows_is_refused():
+    """L * H * D beyond int32 is refused before any launch (a zero-stride expanded tensor: no memory)."""
+    grid, tile, window = (2, 256, 257), (1, 16, 16), (1, 1, 1)
+    seq, heads, dim = 2 * 256 * 257, 256, 64
+    q = torch.zeros(1, 1, 1, dim).expand(1, seq, heads, dim)
+    with pytest.raises(ValueError, match=r"int32 offsets: \(L - 1\) \* H \* D \+ D must be <= 2147483647"):
+        local_attention(q, q, q, grid, tile, window, backend="triton")
+
+
 def test_poisoned_outputs_are_fully_overwritten(device):
     grid, tile, window = (3, 3, 5), (2, 2, 3), (1, 2, 1)  # ragged on every axis, padded tiles
     layout = TileLayout.create(grid, tile, window)

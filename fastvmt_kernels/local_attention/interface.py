@@ -70,7 +70,14 @@ def local_attention(
                 f"window tiles per axis), got {box_tiles} for n = {layout.num_tiles}, w = {layout.window_tiles}; "
                 "use larger tiles, a smaller window or backend='torch'"
             )
-        from .op import local_attention_triton
+        from .op import MAX_ROW_OFFSET, local_attention_triton
+
+        _, seq, heads, dim = q.shape
+        if (seq - 1) * heads * dim + dim > MAX_ROW_OFFSET:  # the largest row offset of a contiguous tensor
+            raise ValueError(
+                f"the triton backend indexes a batch element's tokens with int32 offsets: (L - 1) * H * D + D must be "
+                f"<= {MAX_ROW_OFFSET}, got L, H, D = {seq}, {heads}, {dim}; use backend='torch'"
+            )
 
         out, lse = local_attention_triton(q, k, v, layout, scale)
     return (out, lse) if return_lse else out

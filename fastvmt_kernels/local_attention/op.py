@@ -18,6 +18,8 @@ from ..layout import TileLayout
 from . import kernels
 
 HEAD_DIM_ACCEPTED = "multiples of 16 up to 256"
+# The kernels index a token row as int32 ``row * stride_l + d`` (the batch and head offsets are int64 bases).
+MAX_ROW_OFFSET = 2**31 - 1
 
 
 def check_head_dim(head_dim: int) -> None:
@@ -42,9 +44,24 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def _row_offsets_fit(t: torch.Tensor) -> bool:
+    """Whether every in-kernel row offset ``row * stride_l + d`` of the (B, L, H, D) tensor ``t`` fits in int32."""
+    return (t.shape[1] - 1) * t.stride(1) + t.shape[3] <= MAX_ROW_OFFSET
+
+
 def _rows_view(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its head dim is unit-stride (any B/L/H strides are fine), else a contiguous copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """``t`` itself when its head dim is unit-stride and its row offsets fit in int32 (any B/L/H strides are fine),
+    else a contiguous copy (whose offsets fit whenever L * H * D does, which the interface checks)."""
+    return t if t.stride(-1) == 1 and _row_offsets_fit(t) else t.contiguous()
+
+
+def _check_output(t: torch.Tensor, name: str) -> None:
+    """A pre-allocated output must be writable by the kernels as given."""
+    if t.stride(-1) != 1 or not _row_offsets_fit(t):
+        raise ValueError(
+            f"{name} must have a unit-stride head dim and (L - 1) * stride(1) + D <= {MAX_ROW_OFFSET}, "
+            f"got shape {tuple(t.shape)} strides {t.stride()}"
+        )
 
 
 def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
@@ -108,6 +125,7 @@ def launch_forward(
         out = torch.empty((b, seq, h, d), dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty((b, h, seq), dtype=torch.float32, device=q.device)
+    _check_output(out, "out")
     configs, constexprs = _common(q, layout)
     cfg = configs["fwd"]
     block_m, block_n = kernels.block_sizes(cfg, layout.tile_volume)
@@ -153,6 +171,8 @@ def launch_backward(
         dv = torch.empty_like(dk)
     if dk.stride() != dv.stride():
         raise ValueError(f"dk and dv must share strides, got {dk.stride()} and {dv.stride()}")
+    for name, t in (("dq", dq), ("dk", dk)):
+        _check_output(t, name)
     delta = torch.empty((b, h, seq), dtype=torch.float32, device=q.device)
     configs, constexprs = _common(q, layout)
     tiles = _num_tiles(layout)
