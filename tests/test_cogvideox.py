@@ -29,7 +29,8 @@ def inputs(frames, height, width):
     tokens = frames * (height // PATCH) * (width // PATCH)
     theta = torch.rand(tokens, HEAD_DIM) * 6.3
     return dict(
-        hidden_states=torch.randn(1, frames, 4, height, width), encoder_hidden_states=torch.randn(1, TEXT_TOKENS, TEXT_DIM),
+        hidden_states=torch.randn(1, frames, 4, height, width),
+        encoder_hidden_states=torch.randn(1, TEXT_TOKENS, TEXT_DIM),
         timestep=torch.tensor([500]), image_rotary_emb=(theta.cos(), theta.sin()),
     )
 

@@ -86,14 +86,19 @@ def test_non_contiguous_views(device):
     qkv = torch.randn(b, seq, 3, h, d, device=device, dtype=torch.float16).requires_grad_()
     q, k, v = qkv.unbind(2)
     assert not q.is_contiguous()
-    out = local_attention(q, k, v, grid, tile, window, backend="triton")
     dout = torch.randn(b, h, seq, d, device=device, dtype=torch.float16).transpose(1, 2)  # (B, L, H, D) view
+    assert_packed_matches_reference(qkv, grid, tile, window, dout)
+
+
+def assert_packed_matches_reference(qkv, grid, tile, window, dout):
+    """Triton local attention of q, k, v unbound from a packed (B, L, 3, H, D) tensor: out, d(qkv) vs the reference."""
+    out = local_attention(*qkv.unbind(2), grid, tile, window, backend="triton")
     (grad,) = torch.autograd.grad(out, qkv, dout)
     qkv_ref = qkv.detach().clone().requires_grad_()
     ref, _ = local_attention_reference(*qkv_ref.unbind(2), TileLayout.create(grid, tile, window))
     (grad_ref,) = torch.autograd.grad(ref, qkv_ref, dout)
-    assert_rel_close(out, ref, REL_TOL[torch.float16], "out")
-    assert_rel_close(grad, grad_ref, 2 * REL_TOL[torch.float16], "dqkv")
+    assert_rel_close(out, ref, REL_TOL[qkv.dtype], "out")
+    assert_rel_close(grad, grad_ref, 2 * REL_TOL[qkv.dtype], "dqkv")
 
 
 def test_views_past_the_int32_row_range_are_copied_and_outputs_rejected(device, monkeypatch):
@@ -106,14 +111,7 @@ def test_views_past_the_int32_row_range_are_copied_and_outputs_rejected(device, 
     qkv = torch.randn(b, seq, 3, h, d, device=device).requires_grad_()
     q, k, v = qkv.unbind(2)
     assert op._rows_view(q) is not q and op._rows_view(q).is_contiguous()
-    out = local_attention(q, k, v, grid, tile, window, backend="triton")
-    dout = torch.randn_like(out)
-    (grad,) = torch.autograd.grad(out, qkv, dout)
-    qkv_ref = qkv.detach().clone().requires_grad_()
-    ref, _ = local_attention_reference(*qkv_ref.unbind(2), TileLayout.create(grid, tile, window))
-    (grad_ref,) = torch.autograd.grad(ref, qkv_ref, dout)
-    assert_rel_close(out, ref, REL_TOL[torch.float32], "out")
-    assert_rel_close(grad, grad_ref, 2 * REL_TOL[torch.float32], "dqkv")
+    assert_packed_matches_reference(qkv, grid, tile, window, torch.randn(b, seq, h, d, device=device))
     packed_out = torch.empty(b, seq, 3, h, d, device=device)[:, :, 0]
     with pytest.raises(ValueError, match=r"out must have a unit-stride head dim and \(L - 1\) \* stride\(1\)"):
         op.launch_forward(q.detach(), k.detach(), v.detach(), TileLayout.create(grid, tile, window), d**-0.5,

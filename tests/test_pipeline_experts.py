@@ -119,7 +119,7 @@ def test_guidance_scale_2_drives_the_low_noise_expert_only(pipe):
     other = latents_per_step(guidance_scale_2=4.0)
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(default, same))
     for (t, a), (_, b) in zip(default, other):
-        assert torch.equal(a, b) == (t >= boundary_t), f"step at t={t}: guidance_scale_2 must act below the boundary only"
+        assert torch.equal(a, b) == (t >= boundary_t), f"t = {t}: guidance_scale_2 acts below the boundary only"
 
 
 @pytest.mark.parametrize(
