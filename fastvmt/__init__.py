@@ -10,6 +10,7 @@ _LAZY_EXPORTS = {
     "apply_local_attention": "fastvmt.processors",
     "LocalAttnProcessor": "fastvmt.processors",
     "CogVideoXLocalAttnProcessor": "fastvmt.cogvideox",
+    "HunyuanVideoLocalAttnProcessor": "fastvmt.hunyuan_video",
     "QKCaptureProcessor": "fastvmt.processors",
     "attention_phase": "fastvmt.processors",
     "load_video": "fastvmt.video_io",

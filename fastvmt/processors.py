@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
@@ -26,6 +27,11 @@ DEFAULT_PHASE = "denoise"
 DEFAULT_LOCAL_TILE = (3, 10, 4)
 DEFAULT_LOCAL_WINDOW = (5, 2, 7)
 GRID_ATTRIBUTE = "_fastvmt_token_grid"
+# Transformers with joint text + video attention: class name -> (module, installer) of their local processors.
+OTHER_FAMILIES = {
+    "CogVideoXTransformer3DModel": ("fastvmt.cogvideox", "apply_cogvideox_local_attention"),
+    "HunyuanVideoTransformer3DModel": ("fastvmt.hunyuan_video", "apply_hunyuan_video_local_attention"),
+}
 
 _phase_state = threading.local()
 
@@ -225,18 +231,22 @@ def _track_token_grid(transformer, grid_of=token_grid_of) -> _TokenGrid:
     return holder
 
 
+def select_blocks(num_blocks: int, blocks: Optional[Iterable[int]]) -> Sequence[int]:
+    """Sorted block indices of ``blocks`` (None: all ``num_blocks``); a clear error for any index out of range."""
+    if blocks is None:
+        return list(range(num_blocks))
+    chosen = sorted(set(blocks))
+    bad = [b for b in chosen if not isinstance(b, int) or b < 0 or b >= num_blocks]
+    if bad:
+        raise ValueError(f"blocks must be indices in [0, {num_blocks}), got {bad}")
+    return chosen
+
+
 def _self_attention_keys(
     transformer, blocks: Optional[Iterable[int]], block_list: str = "blocks"
 ) -> Sequence[str]:
     """Processor keys of the self-attention (``attn1``) of ``blocks`` (None: all) in ``transformer.<block_list>``."""
-    num_blocks = len(getattr(transformer, block_list))
-    if blocks is None:
-        chosen = range(num_blocks)
-    else:
-        chosen = sorted(set(blocks))
-        bad = [b for b in chosen if not isinstance(b, int) or b < 0 or b >= num_blocks]
-        if bad:
-            raise ValueError(f"blocks must be indices in [0, {num_blocks}), got {bad}")
+    chosen = select_blocks(len(getattr(transformer, block_list)), blocks)
     return [f"{block_list}.{i}.attn1.processor" for i in chosen]
 
 
@@ -251,9 +261,9 @@ def apply_local_attention(
     """Replace the self-attention of ``blocks`` (default: all) of a Wan transformer with local attention.
 
     Args:
-        transformer: a diffusers ``WanTransformer3DModel``, or a ``CogVideoXTransformer3DModel`` (its joint
-            text + video attention then runs :func:`fastvmt_kernels.joint_local_attention`; see
-            :mod:`fastvmt.cogvideox`).
+        transformer: a diffusers ``WanTransformer3DModel``, or a ``CogVideoXTransformer3DModel`` /
+            ``HunyuanVideoTransformer3DModel`` (their joint text + video attention then runs
+            :func:`fastvmt_kernels.joint_local_attention`; see :mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`).
         tile: (tt, th, tw) tokens per tile; window: (wt, wh, ww) in tiles.
         blocks: block indices to patch, None for every block.
         phases: "both", "guidance" (only the motion-guidance passes) or "denoise" (only the denoising passes).
@@ -262,10 +272,10 @@ def apply_local_attention(
     Returns:
         The previous processors (a dict for ``transformer.set_attn_processor``, which undoes the patch).
     """
-    if type(transformer).__name__ == "CogVideoXTransformer3DModel":
-        from .cogvideox import apply_cogvideox_local_attention
-
-        return apply_cogvideox_local_attention(transformer, tile, window, blocks, phases, backend)
+    family = OTHER_FAMILIES.get(type(transformer).__name__)
+    if family is not None:
+        module, installer = family
+        return getattr(importlib.import_module(module), installer)(transformer, tile, window, blocks, phases, backend)
     processor = LocalAttnProcessor(tile=tile, window=window, phases=phases, backend=backend)
     return install_local_processor(transformer, processor, _self_attention_keys(transformer, blocks))
 
