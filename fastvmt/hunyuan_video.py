@@ -62,13 +62,14 @@ class HunyuanVideoLocalAttnProcessor(LocalWindowSettings, HunyuanVideoAttnProces
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if image_rotary_emb is not None:  # RoPE on the video tokens only
+
+            def rope(x):
+                return apply_rotary_emb(x, image_rotary_emb, sequence_dim=1)
+
             if single_stream:
-                query, key = (
-                    torch.cat([apply_rotary_emb(x[:, :-text_len], image_rotary_emb, sequence_dim=1), x[:, -text_len:]], 1)
-                    for x in (query, key)
-                )
+                query, key = (torch.cat([rope(x[:, :-text_len]), x[:, -text_len:]], 1) for x in (query, key))
             else:
-                query, key = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in (query, key))
+                query, key = rope(query), rope(key)
         if not single_stream:
             text = [proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
                     for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
