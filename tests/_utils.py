@@ -21,3 +21,16 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, n
     err = rel_err(actual, expected)
     max_abs = (actual.double().cpu() - expected.double().cpu()).abs().max().item()
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e} (max abs diff {max_abs:.3e})"
+
+
+def assert_covering_window_is_stock(model, run, kwargs, tile, covering_window=(9, 9, 9)):
+    """``fastvmt.apply_local_attention`` with a window covering the whole grid reproduces the stock ``model`` (to fp32
+    rounding), and ``set_attn_processor`` with the processors it returns restores the stock path exactly.
+    ``run(model, kwargs)`` returns the model output."""
+    from fastvmt import apply_local_attention
+
+    stock_out = run(model, kwargs)
+    previous = apply_local_attention(model, tile=tile, window=covering_window)
+    assert_rel_close(run(model, kwargs), stock_out, 1e-5, "covering window vs stock")
+    model.set_attn_processor(previous)
+    assert torch.equal(run(model, kwargs), stock_out)

@@ -10,7 +10,7 @@ from fastvmt import apply_local_attention  # noqa: E402
 from fastvmt.cogvideox import CogVideoXLocalAttnProcessor  # noqa: E402
 from fastvmt_kernels import local_attention_mask  # noqa: E402
 
-from _utils import assert_rel_close  # noqa: E402
+from _utils import assert_covering_window_is_stock, assert_rel_close  # noqa: E402
 
 TEXT_TOKENS, TEXT_DIM, HEAD_DIM, PATCH = 5, 16, 16, 2
 
@@ -74,13 +74,7 @@ def test_local_window_matches_masked_dense_attention_at_two_sizes(monkeypatch):
 
 
 def test_full_window_equals_stock_and_uninstall_restores():
-    model = tiny_cogvideox()
-    kwargs = inputs(3, 8, 8)
-    stock_out = run(model, kwargs)
-    previous = apply_local_attention(model, tile=(1, 2, 2), window=(9, 9, 9))
-    assert_rel_close(run(model, kwargs), stock_out, 1e-5, "full window vs stock")
-    model.set_attn_processor(previous)
-    assert torch.equal(run(model, kwargs), stock_out)
+    assert_covering_window_is_stock(tiny_cogvideox(), run, inputs(3, 8, 8), tile=(1, 2, 2))
 
 
 def test_inactive_phase_and_unpatched_blocks_run_the_stock_path():

@@ -12,7 +12,7 @@ from fastvmt import apply_local_attention  # noqa: E402
 from fastvmt.hunyuan_video import HunyuanVideoLocalAttnProcessor  # noqa: E402
 from fastvmt_kernels import local_attention_mask  # noqa: E402
 
-from _utils import assert_rel_close  # noqa: E402
+from _utils import assert_covering_window_is_stock, assert_rel_close  # noqa: E402
 
 TEXT_TOKENS, TEXT_DIM, PATCH = 6, 16, 2
 VALID_TEXT = (6, 4)  # batch 1 has two padded text tokens
@@ -85,12 +85,7 @@ def test_local_window_matches_masked_dense_attention_with_padded_text(monkeypatc
 
 def test_full_window_equals_stock_and_blocks_index_dual_then_single():
     model = tiny_hunyuan()
-    kwargs = inputs(3, 8, 8)
-    stock_out = run(model, kwargs)
-    previous = apply_local_attention(model, tile=(1, 2, 2), window=(9, 9, 9))
-    assert_rel_close(run(model, kwargs), stock_out, 1e-5, "full window vs stock")
-    model.set_attn_processor(previous)
-    assert torch.equal(run(model, kwargs), stock_out)
+    assert_covering_window_is_stock(model, run, inputs(3, 8, 8), tile=(1, 2, 2))
     apply_local_attention(model, tile=(1, 2, 2), window=(1, 1, 1), blocks=[1])
     kinds = {key: type(p).__name__ for key, p in model.attn_processors.items()}
     assert kinds["single_transformer_blocks.0.attn.processor"] == "HunyuanVideoLocalAttnProcessor"
