@@ -73,6 +73,23 @@ def test_matches_dense_masked_softmax(name, backend, device):
         assert_rel_close(g, e, 2 * tol, gname)
 
 
+def test_chunked_video_to_global_block_matches_one_chunk(device, monkeypatch):
+    from fastvmt_kernels.local_attention import joint
+
+    grid, tile, window, num_global = (2, 3, 5), (1, 2, 2), (1, 1, 2), 4
+    q, k, v = (torch.randn(2, num_global + 30, 2, 16, device=device).requires_grad_() for _ in range(3))
+    key_mask = torch.tensor([[True, False, True, True], [False, False, False, False]], device=device)
+
+    def out_and_grads():
+        out = joint_local_attention(q, k, v, grid, tile, window, num_global=num_global, global_key_mask=key_mask)
+        return (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+
+    whole = out_and_grads()
+    monkeypatch.setattr(joint, "GLOBAL_QUERY_CHUNK", 7)  # ragged chunks: 7, 7, 7, 7, 2 of the 30 video queries
+    for name, a, b in zip(("out", "dq", "dk", "dv"), out_and_grads(), whole):
+        assert_rel_close(a, b, 1e-6, f"chunked {name}")
+
+
 def test_fully_masked_global_keys_reduce_video_queries_to_local_attention(device):
     grid, tile, window, num_global = (2, 4, 4), (1, 2, 2), (1, 1, 1), 4
     q, k, v = (torch.randn(1, num_global + 32, 2, 16, device=device) for _ in range(3))

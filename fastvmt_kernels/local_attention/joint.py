@@ -22,6 +22,27 @@ GLOBAL_POSITIONS = ("prefix", "suffix")
 # Logit given to masked global keys: finite, so a row whose global keys are all masked gets the merge weight
 # exp(_MASKED_LOGIT - lse) = 0 for them instead of a 0 * NaN from an all -inf softmax.
 _MASKED_LOGIT = -1e30
+# Video queries per chunk of the dense video-to-global block: its fp32 logits take H * chunk * num_global * 4 bytes
+# (24 heads x 8192 x 256 text tokens: 201 MB, instead of 2.9 GB for HunyuanVideo's 118,800 video tokens at 720p).
+GLOBAL_QUERY_CHUNK = 8192
+
+
+def _video_to_global(q_video, k_glob, v_glob, key_mask, scale):
+    """Softmax attention of the video queries over the global keys alone, GLOBAL_QUERY_CHUNK queries at a time.
+
+    q_video: (B, L, H, D); k_glob, v_glob: (B, G, H, D); key_mask: (B, G) bool or None.
+    Returns out (B, L, H, D) fp32 and its natural-log log-sum-exp (B, H, L) fp32, both differentiable.
+    """
+    k_f, v_f = k_glob.float(), v_glob.float()
+    outs, lses = [], []
+    for start in range(0, q_video.shape[1], GLOBAL_QUERY_CHUNK):
+        logits = torch.einsum("blhd,bghd->bhlg", q_video[:, start : start + GLOBAL_QUERY_CHUNK].float(), k_f) * scale
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None, None, :], _MASKED_LOGIT)
+        lse = logits.logsumexp(-1)
+        outs.append(torch.einsum("bhlg,bghd->blhd", (logits - lse[..., None]).exp(), v_f))
+        lses.append(lse)
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
 
 
 def joint_local_attention(
@@ -56,8 +77,9 @@ def joint_local_attention(
         out: (B, N, H, D) in q's dtype, in the input's token order. Differentiable w.r.t. q, k, v.
 
     A video query attends the video keys of its window plus every unmasked global key; a global query attends every
-    unmasked global key and all video keys. The video queries' global-key logits form a dense (B, H, L, num_global)
-    fp32 block (num_global is small: hundreds of text tokens), merged with the local part by log-sum-exp.
+    unmasked global key and all video keys. The video queries' global-key logits form a dense fp32 block, computed
+    GLOBAL_QUERY_CHUNK queries at a time (num_global is small: hundreds of text tokens), merged with the local part
+    by log-sum-exp.
     """
     check_tensors(("q", "k", "v"), (q, k, v), 4, "(B, N, H, D)")
     if not (q.shape == k.shape == v.shape):
@@ -98,12 +120,8 @@ def joint_local_attention(
     glob = slice(0, num_global) if prefix else slice(num_video, total)
     q_video, k_glob, v_glob = q[:, video], k[:, glob], v[:, glob]
 
-    # Video queries x global keys: a dense (B, H, L, G) block in fp32, merged with the local part by LSE.
-    logits = torch.einsum("blhd,bghd->bhlg", q_video.float(), k_glob.float()) * scale
-    if global_key_mask is not None:
-        logits = logits.masked_fill(~global_key_mask[:, None, None, :], _MASKED_LOGIT)
-    lse_glob = logits.logsumexp(-1)
-    out_glob = torch.einsum("bhlg,bghd->blhd", (logits - lse_glob[..., None]).exp(), v_glob.float())
+    # Video queries x global keys: a dense fp32 block (in chunks of queries), merged with the local part by LSE.
+    out_glob, lse_glob = _video_to_global(q_video, k_glob, v_glob, global_key_mask, scale)
     lse = torch.logaddexp(lse_local, lse_glob)
     weight_local = (lse_local - lse).exp().transpose(1, 2)[..., None]  # (B, L, H, 1)
     weight_glob = (lse_glob - lse).exp().transpose(1, 2)[..., None]
