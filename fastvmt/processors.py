@@ -7,7 +7,9 @@
   ``WanAttnProcessor`` and so keeps ``_attention_backend`` / ``_parallel_config`` for diffusers' backend and
   parallelism machinery.
 - :func:`apply_local_attention` installs it on a live transformer; ``phases`` chooses guidance passes, denoising
-  passes or both (the pipeline marks passes with :func:`attention_phase`).
+  passes or both (the pipeline marks passes with :func:`attention_phase`). Given a CogVideoX or HunyuanVideo
+  transformer it installs that family's joint text + video processor instead (:mod:`fastvmt.cogvideox`,
+  :mod:`fastvmt.hunyuan_video`), which share :class:`LocalWindowSettings` and :func:`install_local_processor`.
 """
 from __future__ import annotations
 

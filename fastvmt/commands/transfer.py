@@ -58,8 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-window", type=_int_triple, default=None, help="local attention window t,h,w in tiles")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for classifier-free guidance")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    parser.add_argument("--guidance-scale-2", type=float, default=None,
-                        help="CFG scale of the low-noise expert of a two-expert model (Wan2.2 A14B; default: --guidance-scale)")
+    parser.add_argument(
+        "--guidance-scale-2", type=float, default=None,
+        help="CFG scale of the low-noise expert of a two-expert model (Wan2.2 A14B; default: --guidance-scale)",
+    )
     parser.add_argument(
         "--max-sequence-length", type=int, default=None,
         help="text tokens (default: the model's, min(512, tokenizer.model_max_length))",
