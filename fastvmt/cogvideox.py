@@ -4,7 +4,7 @@ CogVideoX attends its text tokens and video tokens in one sequence, [text, video
 computes Q, K, V exactly as ``CogVideoXAttnProcessor2_0`` and replaces the dense attention with
 :func:`fastvmt_kernels.joint_local_attention`: video queries attend their local window of video keys plus all text
 keys; text queries attend everything. ``fastvmt.apply_local_attention(transformer, ...)`` installs it when given a
-``CogVideoXTransformer3DModel``.
+``CogVideoXTransformer3DModel`` (through :data:`PROCESSOR`, :func:`processor_keys` and :func:`token_grid`).
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .processors import LocalWindowSettings, _self_attention_keys, install_local_processor
+from .processors import LocalWindowSettings, _self_attention_keys
 
 BLOCK_LIST = "transformer_blocks"
 
 
-def cogvideox_token_grid(transformer, hidden_states_shape: Sequence[int]) -> Tuple[int, int, int]:
+def token_grid(transformer, hidden_states_shape: Sequence[int]) -> Tuple[int, int, int]:
     """(T, Hg, Wg) video tokens of a CogVideoX input (B, F, C, H, W) under its patch sizes (patch_size_t None = 1)."""
     _, frames, _, height, width = hidden_states_shape
     patch = transformer.config.patch_size
@@ -59,19 +59,10 @@ class CogVideoXLocalAttnProcessor(LocalWindowSettings, CogVideoXAttnProcessor2_0
         return hidden_states, encoder_hidden_states
 
 
-def apply_cogvideox_local_attention(
-    transformer,
-    tile: Sequence[int],
-    window: Sequence[int],
-    blocks: Optional[Iterable[int]] = None,
-    phases: str = "both",
-    backend: str = "auto",
-):
-    """Install :class:`CogVideoXLocalAttnProcessor` on ``transformer_blocks[i].attn1`` for ``blocks`` (None: all).
+PROCESSOR = CogVideoXLocalAttnProcessor
 
-    Returns the previous processors (a dict for ``transformer.set_attn_processor``, which undoes it). Called by
-    ``fastvmt.apply_local_attention`` for a ``CogVideoXTransformer3DModel``.
-    """
-    processor = CogVideoXLocalAttnProcessor(tile=tile, window=window, phases=phases, backend=backend)
-    keys = _self_attention_keys(transformer, blocks, BLOCK_LIST)
-    return install_local_processor(transformer, processor, keys, cogvideox_token_grid)
+
+def processor_keys(transformer, blocks: Optional[Iterable[int]] = None) -> Sequence[str]:
+    """Processor keys of ``transformer_blocks[i].attn1`` for ``blocks`` (None: all); used by
+    ``fastvmt.apply_local_attention`` for a ``CogVideoXTransformer3DModel``."""
+    return _self_attention_keys(transformer, blocks, BLOCK_LIST)

@@ -15,12 +15,12 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
-from .processors import LocalWindowSettings, install_local_processor, select_blocks
+from .processors import LocalWindowSettings, select_blocks
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
-def hunyuan_token_grid(transformer, hidden_states_shape: Sequence[int]) -> Tuple[int, int, int]:
+def token_grid(transformer, hidden_states_shape: Sequence[int]) -> Tuple[int, int, int]:
     """(T, Hg, Wg) video tokens of a HunyuanVideo input (B, C, F, H, W) under its patch sizes."""
     _, _, frames, height, width = hidden_states_shape
     patch, patch_t = transformer.config.patch_size, transformer.config.patch_size_t
@@ -92,18 +92,11 @@ class HunyuanVideoLocalAttnProcessor(LocalWindowSettings, HunyuanVideoAttnProces
         return hidden_states, encoder_hidden_states
 
 
-def apply_hunyuan_video_local_attention(
-    transformer,
-    tile: Sequence[int],
-    window: Sequence[int],
-    blocks: Optional[Iterable[int]] = None,
-    phases: str = "both",
-    backend: str = "auto",
-):
-    """Install :class:`HunyuanVideoLocalAttnProcessor` on the attention of ``blocks`` (None: all; the dual-stream
-    blocks first, then the single-stream ones). Returns the previous processors (a dict for
-    ``transformer.set_attn_processor``, which undoes it). Called by ``fastvmt.apply_local_attention``."""
+PROCESSOR = HunyuanVideoLocalAttnProcessor
+
+
+def processor_keys(transformer, blocks: Optional[Iterable[int]] = None) -> Sequence[str]:
+    """Processor keys of the attention of ``blocks`` (None: all; the dual-stream blocks first, then the single-stream
+    ones); used by ``fastvmt.apply_local_attention`` for a ``HunyuanVideoTransformer3DModel``."""
     keys = [f"{name}.{i}.attn.processor" for name in BLOCK_LISTS for i in range(len(getattr(transformer, name)))]
-    keys = [keys[i] for i in select_blocks(len(keys), blocks)]
-    processor = HunyuanVideoLocalAttnProcessor(tile=tile, window=window, phases=phases, backend=backend)
-    return install_local_processor(transformer, processor, keys, hunyuan_token_grid)
+    return [keys[i] for i in select_blocks(len(keys), blocks)]

@@ -9,7 +9,8 @@
 - :func:`apply_local_attention` installs it on a live transformer; ``phases`` chooses guidance passes, denoising
   passes or both (the pipeline marks passes with :func:`attention_phase`). Given a CogVideoX or HunyuanVideo
   transformer it installs that family's joint text + video processor instead (:mod:`fastvmt.cogvideox`,
-  :mod:`fastvmt.hunyuan_video`), which share :class:`LocalWindowSettings` and :func:`install_local_processor`.
+  :mod:`fastvmt.hunyuan_video`: each gives its ``PROCESSOR``, ``processor_keys`` and ``token_grid``; the settings
+  (:class:`LocalWindowSettings`) and the installation (:func:`install_local_processor`) are shared).
 """
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ DEFAULT_PHASE = "denoise"
 DEFAULT_LOCAL_TILE = (3, 10, 4)
 DEFAULT_LOCAL_WINDOW = (5, 2, 7)
 GRID_ATTRIBUTE = "_fastvmt_token_grid"
-# Transformers with joint text + video attention: class name -> (module, installer) of their local processors.
+# Transformers with joint text + video attention: class name -> the module that defines their local processor
+# (PROCESSOR), its processor keys (processor_keys(transformer, blocks)) and token grid (token_grid(transformer, shape)).
 OTHER_FAMILIES = {
-    "CogVideoXTransformer3DModel": ("fastvmt.cogvideox", "apply_cogvideox_local_attention"),
-    "HunyuanVideoTransformer3DModel": ("fastvmt.hunyuan_video", "apply_hunyuan_video_local_attention"),
+    "CogVideoXTransformer3DModel": "fastvmt.cogvideox",
+    "HunyuanVideoTransformer3DModel": "fastvmt.hunyuan_video",
 }
 
 _phase_state = threading.local()
@@ -275,11 +277,13 @@ def apply_local_attention(
         The previous processors (a dict for ``transformer.set_attn_processor``, which undoes the patch).
     """
     family = OTHER_FAMILIES.get(type(transformer).__name__)
-    if family is not None:
-        module, installer = family
-        return getattr(importlib.import_module(module), installer)(transformer, tile, window, blocks, phases, backend)
-    processor = LocalAttnProcessor(tile=tile, window=window, phases=phases, backend=backend)
-    return install_local_processor(transformer, processor, _self_attention_keys(transformer, blocks))
+    if family is None:
+        processor_class, keys, grid_of = LocalAttnProcessor, _self_attention_keys(transformer, blocks), token_grid_of
+    else:
+        module = importlib.import_module(family)
+        processor_class, keys, grid_of = module.PROCESSOR, module.processor_keys(transformer, blocks), module.token_grid
+    processor = processor_class(tile=tile, window=window, phases=phases, backend=backend)
+    return install_local_processor(transformer, processor, keys, grid_of)
 
 
 def install_local_processor(transformer, processor: LocalWindowSettings, keys: Sequence[str], grid_of=token_grid_of):

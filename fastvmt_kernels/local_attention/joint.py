@@ -111,14 +111,15 @@ def joint_local_attention(
 
     prefix = global_position == "prefix"
     video = slice(num_global, total) if prefix else slice(0, num_video)
+    q_video = q[:, video]
     out_video, lse_local = local_attention(
-        q[:, video], k[:, video], v[:, video], grid, tile, window, scale=scale, backend=backend, return_lse=True
+        q_video, k[:, video], v[:, video], grid, tile, window, scale=scale, backend=backend, return_lse=True
     )
     if num_global == 0:
         return out_video
     scale = head_dim**-0.5 if scale is None else scale
     glob = slice(0, num_global) if prefix else slice(num_video, total)
-    q_video, k_glob, v_glob = q[:, video], k[:, glob], v[:, glob]
+    k_glob, v_glob = k[:, glob], v[:, glob]
 
     # Video queries x global keys: a dense fp32 block (in chunks of queries), merged with the local part by LSE.
     out_glob, lse_glob = _video_to_global(q_video, k_glob, v_glob, global_key_mask, scale)
