@@ -70,10 +70,12 @@ FASTVMT_TEMPERATURE = 1.0
 DITFLOW_TEMPERATURE = 2.0
 # Ablations of the fused op: tiles per program of the forward / backward fine pass (the defaults are
 # FWD_TILE_GROUP / BWD_TILE_GROUP in fastvmt_kernels/motion_flow/kernels.py); fwd1x1_bwd1x1 is one tile per program.
-# Optional suffixes override the fine passes' warps (_w), every kernel's pipeline stages (_s) and the backward's keys per step (_bn). The group shapes of run 3 (benchmarks/results/motion_flow_gpu.md) not repeated here were slower.
-# Groups of >= 64 query slots (2x2, 4x1 of 3x4 tiles) run query-major (kernels.fine_launch).
-ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd1x2_bwd1x2", "fused_fwd2x2_bwd2x1", "fused_fwd4x1_bwd2x1",
-             "fused_fwd2x2_bwd2x2", "fused_fwd2x2_bwd2x2_s3", "fused_fwd2x1_bwd2x1_bn32")
+# Optional suffixes override the fine passes' warps (_w), every kernel's pipeline stages (_s) and the backward's keys
+# per step (_bn). fused_fwd2x1_bwd2x1_s2 is the default of runs 3 and 4 (benchmarks/results/gpu_runs.md); run 4 made
+# 2 x 2 groups in 3 stages the default. Groups of >= 64 query slots (2x2, 4x1 of 3x4 tiles) run query-major
+# (kernels.fine_launch).
+ABLATIONS = ("fused_fwd2x1_bwd2x1_s2", "fused_fwd1x1_bwd1x1", "fused_fwd1x2_bwd1x2", "fused_fwd2x2_bwd2x2_s2",
+             "fused_fwd4x1_bwd2x2", "fused_fwd2x2_bwd2x2_s4", "fused_fwd2x2_bwd2x2_bn32")
 DRY_ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd2x2_bwd2x2_w4_s1_bn32")  # both orientations, every suffix
 # Suffix of a provider whose step is captured once in a CUDA graph and replayed: the GPU time of the step without
 # the host's cost of queueing it (what torch.compile(mode="reduce-overhead") or a captured pipeline gets).

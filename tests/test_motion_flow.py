@@ -415,9 +415,11 @@ def test_torch_compile_fullgraph_matches_eager(device):
          "frames up to 1024 tokens wide"),
     ],
 )
-def test_bad_inputs_raise(change, match):
+def test_bad_inputs_raise(change, match, device):
+    """Each bad argument gets its own message, on the device the triton backend accepts (a CPU tensor on a CUDA
+    machine would stop at the device check first)."""
     args = dict(q=torch.zeros(1, 2, 20, 16), k=torch.zeros(1, 2, 20, 16), frame_shape=(4, 5))
     args.update(change)
-    q, k, frame_shape = args.pop("q"), args.pop("k"), args.pop("frame_shape")
+    q, k, frame_shape = args.pop("q").to(device), args.pop("k").to(device), args.pop("frame_shape")
     with pytest.raises(ValueError, match=match):
         motion_flow(q, k, frame_shape, **args)

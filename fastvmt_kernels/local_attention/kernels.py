@@ -58,11 +58,20 @@ class BlockConfig:
     num_stages: int
 
 
-def kernel_configs(head_dim: int, elem_bytes: int) -> Dict[str, BlockConfig]:
+# D <= 128 forward, bf16 / fp16. Measured on an H100 at Wan2.1-1.3B shapes, 25.6% density (launch sweep rows ours@fwd*
+# of benchmarks/results/local_attention.md, run 4): 128 x 128 keys, 8 warps, 3 stages 3.70 ms vs 4.78 ms for the
+# former 128 x 64 in 2 stages (4.14 ms at 128 x 128 in 2 stages, 4.17 ms at 128 x 64 in 3).
+WIDE_FWD_D128 = BlockConfig(128, 128, 8, 3)
+COMPACT_FWD_D128 = BlockConfig(128, 64, 8, 2)
+
+
+def kernel_configs(head_dim: int, elem_bytes: int, hopper_shared_memory: bool = True) -> Dict[str, BlockConfig]:
     """Fixed launch configurations per head dim and element size, for "fwd", "dq" and "dkdv".
 
     Used by the launcher and by :func:`inspect_specs`, so the inspection compiles exactly what runs.
     Block sizes are upper bounds: a tile smaller than a block shrinks it (see :func:`block_sizes`).
+    ``hopper_shared_memory``: whether the device gives a block 227 KiB of shared memory (H100 / H200); the D <= 128
+    forward's 128 x 128 blocks in 3 stages take 225 KiB, so other devices get COMPACT_FWD_D128 (97 KiB).
     """
     if elem_bytes == 4:  # fp32 (tests): small blocks keep shared memory in bounds at any D
         small = BlockConfig(32, 32, 4, 1)
@@ -75,7 +84,7 @@ def kernel_configs(head_dim: int, elem_bytes: int) -> Dict[str, BlockConfig]:
         }
     if head_dim <= 128:
         return {
-            "fwd": BlockConfig(128, 64, 8, 2),
+            "fwd": WIDE_FWD_D128 if hopper_shared_memory else COMPACT_FWD_D128,
             "dq": BlockConfig(64, 64, 4, 2),
             "dkdv": BlockConfig(64, 64, 4, 2),
         }

@@ -48,20 +48,21 @@ COARSE_BLOCK_M = 64
 COARSE_BLOCK_N = 64
 # Fine pass: window keys per step (the MMA M dimension); queries per tile are padded to >= MIN_BLOCK_Q.
 FINE_BLOCK_N = 64
-# Keys per backward step. At 64 (D = 128, 2 x 1 groups, 4 warps) the backward holds 255 registers and spills 240 bytes
-# outside its hot loop (reloaded once per pair); at 32 it needs 189 and spills nothing, but issues ~10% more
-# instructions per key and runs part of its products on mma.sync (benchmark ablation rows *_bn32 compare them).
+# Keys per backward step. At 64 (D = 128, 2 x 2 groups query-major, 4 warps) the backward holds 255 registers and
+# spills 88 bytes outside its hot loop (reloaded once per pair; 240 with 2 x 1 groups); at 32 it spills 40 (2 x 1:
+# none, 189 registers), but issues ~10% more instructions per key (benchmark ablation rows *_bn32 compare them).
 BWD_BLOCK_N = 64
 MIN_BLOCK_Q = 16
 NUM_WARPS = 4
-NUM_STAGES = 2
-# Tiles per fine-pass program (y, x), forward and backward. Measured on an H100 at Wan2.1-1.3B shapes (3 x 4 tiles,
-# window 21; benchmarks/results/motion_flow_gpu.md, ablation rows): fwd + bwd step 2.11 ms with 2 x 1 groups
-# (24 queries, 32 slots, 4 warps), 2.22 ms with 1 x 2, 2.92 ms with one tile per program and 2.94 ms with 2 x 2
-# (64 slots, then keys-major at 8 warps; such groups now run query-major, see fine_launch). (1, 1) is one tile per
-# program.
-BWD_TILE_GROUP = (2, 1)
-FWD_TILE_GROUP = (2, 1)
+NUM_STAGES = 3
+COMPACT_NUM_STAGES = 2  # devices with less shared memory per block than Hopper (see op._num_stages)
+# Tiles per fine-pass program (y, x), forward and backward, and pipeline stages. Measured on an H100 at Wan2.1-1.3B
+# shapes (3 x 4 tiles, window 21; benchmarks/results/motion_flow_gpu.md, ablation rows; gpu_runs.md run 4): fwd + bwd
+# step 1.34 ms with 2 x 2 groups in 3 stages (48 queries in 64 slots, query-major at 4 warps), 1.38 ms with 2 x 2 in
+# 2 stages, 1.39 ms with 4 x 1 / 2 x 1, 1.40 ms with 1 x 2, 1.75 ms with the former default 2 x 1 (2 stages) and
+# 1.77 ms with one tile per program. (1, 1) is one tile per program.
+BWD_TILE_GROUP = (2, 2)
+FWD_TILE_GROUP = (2, 2)
 # Window origin row of invalid query slots: no key's row is within a window of it.
 FAR_ORIGIN = tl.constexpr(1 << 28)
 # Finite start of the online max: a key block holding no key of a query's window leaves that query's state unchanged.
@@ -443,7 +444,7 @@ def _fine_bwd_kernel(
 _INSPECT_DIM = 128
 _INSPECT_MAX_DIM = 256
 _INSPECT_TILE_SLOTS = 12  # Wan's 3 x 4 tiles
-INSPECT_WIDE_GROUP = (2, 2)  # a group wide enough to run query-major (benchmark ablations)
+INSPECT_NARROW_GROUP = (2, 1)  # a group narrow enough to run keys-major (benchmark ablations)
 INSPECT_SMALL_BWD_BLOCK_N = 32  # the backward's spill-free key block (benchmark ablation rows *_bn32)
 
 
@@ -494,7 +495,7 @@ def inspect_specs():
     passes = (("fwd", _fine_fwd_kernel, fwd), ("bwd", _fine_bwd_kernel, bwd))
     # (pass, group, head dim): the default groups at Wan's D = 128 and at the largest D, and a query-major group.
     configs = [(p, g, d, None) for g, d in ((FWD_TILE_GROUP, _INSPECT_DIM), (FWD_TILE_GROUP, _INSPECT_MAX_DIM),
-                                            (INSPECT_WIDE_GROUP, _INSPECT_DIM)) for p in passes]
+                                            (INSPECT_NARROW_GROUP, _INSPECT_DIM)) for p in passes]
     configs.append((passes[1], BWD_TILE_GROUP, _INSPECT_DIM, INSPECT_SMALL_BWD_BLOCK_N))  # the spill-free ablation
     for (label, fn, signature), group, dim, block_n in configs:
         if label == "bwd" and group == FWD_TILE_GROUP:

@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
+from ..device_limits import has_hopper_shared_memory
 from .geometry import FlowGeometry, PairTable, make_pairs, pair_table
 from .kernels import (
     COARSE_BLOCK_M,
@@ -26,6 +27,7 @@ from .kernels import (
     FUSED_KEY_SUMS,
     FWD_TILE_GROUP,
     MIN_BLOCK_Q,
+    COMPACT_NUM_STAGES,
     NUM_STAGES,
     NUM_WARPS,
     _coarse_kernel,
@@ -35,6 +37,12 @@ from .kernels import (
 )
 
 Tensor = torch.Tensor
+
+
+def _num_stages(device: torch.device) -> int:
+    """Pipeline stages of the motion-flow kernels: NUM_STAGES where a block gets Hopper's 227 KiB of shared memory
+    (the D = 256 backward takes 193 KiB at 3 stages), COMPACT_NUM_STAGES elsewhere."""
+    return NUM_STAGES if has_hopper_shared_memory(device) else COMPACT_NUM_STAGES
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -75,7 +83,7 @@ def launch_coarse(
         temperature / math.sqrt(dim) * LOG2E,
         HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), BLOCK_M=COARSE_BLOCK_M, BLOCK_N=COARSE_BLOCK_N,
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        num_warps=NUM_WARPS, num_stages=_num_stages(q.device),
     )
 
 
@@ -99,7 +107,7 @@ def launch_fine_forward(
         temperature / math.sqrt(dim) * LOG2E,
         HEAD_DIM=dim, D_PAD=d_pad, GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
         BLOCK_N=FINE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype), FUSED_SUMS=FUSED_KEY_SUMS,
-        QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=NUM_STAGES,
+        QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=_num_stages(q.device),
     )
 
 
@@ -125,7 +133,7 @@ def launch_fine_backward(
         temperature / math.sqrt(dim) * LOG2E, temperature / math.sqrt(dim),
         HEAD_DIM=dim, D_PAD=d_pad, GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
         BLOCK_N=BWD_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
-        QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=NUM_STAGES,
+        QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=_num_stages(q.device),
     )
 
 

@@ -1,0 +1,34 @@
+"""Per-device hardware limits that pick launch configurations (shared memory per block)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# Opt-in shared memory per thread block on Hopper (sm_90: H100, H200): 227 KiB. The kernels' largest pipelined
+# configurations are sized for it; devices with less take smaller ones.
+HOPPER_SHARED_MEMORY_PER_BLOCK = 227 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_shared_memory_per_block(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    return int(optin or props.shared_memory_per_block)
+
+
+def shared_memory_per_block(device: torch.device) -> int:
+    """Bytes of shared memory one thread block may use on ``device`` (the opt-in maximum on CUDA devices).
+
+    Non-CUDA tensors (CPU under ``TRITON_INTERPRET=1``) report Hopper's limit, so the interpreter runs the same
+    configurations as an H100.
+    """
+    if device.type != "cuda":
+        return HOPPER_SHARED_MEMORY_PER_BLOCK
+    return _cuda_shared_memory_per_block(torch.device(device).index if device.index is not None
+                                         else torch.cuda.current_device())
+
+
+def has_hopper_shared_memory(device: torch.device) -> bool:
+    """Whether ``device`` offers a thread block at least Hopper's shared memory (227 KiB)."""
+    return shared_memory_per_block(device) >= HOPPER_SHARED_MEMORY_PER_BLOCK
