@@ -70,18 +70,22 @@ FASTVMT_TEMPERATURE = 1.0
 DITFLOW_TEMPERATURE = 2.0
 # Ablations of the fused op: tiles per program of the forward / backward fine pass (the defaults are
 # FWD_TILE_GROUP / BWD_TILE_GROUP in fastvmt_kernels/motion_flow/kernels.py); fwd1x1_bwd1x1 is one tile per program.
-# Optional suffixes override the fine passes' warps (_w), every kernel's pipeline stages (_s) and the backward's keys
-# per step (_bn). fused_fwd2x1_bwd2x1_s2 is the default of runs 3 and 4 (benchmarks/results/gpu_runs.md); run 4 made
+# Optional suffixes override the fine passes' warps (_w), the backward's warps only (_bw), every kernel's pipeline
+# stages (_s) and the backward's keys per step (_bn). fused_fwd2x2_bwd2x2_bw8_bn32 is the spill-free backward
+# (offline: 214 registers, 0 bytes, vs 88 bytes outside the hot loop for the default). fused_fwd2x1_bwd2x1_s2 is the default of runs 3 and 4 (benchmarks/results/gpu_runs.md); run 4 made
 # 2 x 2 groups in 3 stages the default. Groups of >= 64 query slots (2x2, 4x1 of 3x4 tiles) run query-major
 # (kernels.fine_launch).
 ABLATIONS = ("fused_fwd2x1_bwd2x1_s2", "fused_fwd1x1_bwd1x1", "fused_fwd1x2_bwd1x2", "fused_fwd2x2_bwd2x2_s2",
-             "fused_fwd4x1_bwd2x2", "fused_fwd2x2_bwd2x2_s4", "fused_fwd2x2_bwd2x2_bn32")
-DRY_ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd2x2_bwd2x2_w4_s1_bn32")  # both orientations, every suffix
+             "fused_fwd4x1_bwd2x2", "fused_fwd2x2_bwd2x2_s4", "fused_fwd2x2_bwd2x2_bw8_bn32")
+DRY_ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd2x2_bwd2x2_w4_bw8_s1_bn32")  # both orientations, every suffix
 # Suffix of a provider whose step is captured once in a CUDA graph and replayed: the GPU time of the step without
 # the host's cost of queueing it (what torch.compile(mode="reduce-overhead") or a captured pipeline gets).
 GRAPHED = "+cuda_graph"
 PROVIDERS = {
-    "gpu": ("fused", *ABLATIONS, "dense_global", "dense_gather_local", "fused" + GRAPHED, "dense_global" + GRAPHED),
+    # Ablations only as CUDA graphs: the eager step is host-bound on a GPU (gpu_runs.md, run 5: eager rows spread
+    # 1.45-2.21 ms over GPU times under 1 ms), so only replayed rows rank kernel configurations.
+    "gpu": ("fused", "fused" + GRAPHED, *(a + GRAPHED for a in ABLATIONS), "dense_global", "dense_gather_local",
+            "dense_global" + GRAPHED),
     "cpu": ("chunked_reference", "dense_global", "dense_gather_local"),
     "cpu_wan": ("chunked_reference", "dense_gather_local"),
     "dry": ("fused", *DRY_ABLATIONS, "chunked_reference", "dense_global", "dense_gather_local"),
@@ -242,14 +246,20 @@ def test_motion_flow(benchmark, provider, monkeypatch):
     if base.startswith("fused_"):  # ablation: fused_fwd{a}x{b}_bwd{c}x{d} tiles per fine-pass program
         from fastvmt_kernels.motion_flow import op as flow_op
 
-        fwd, bwd, warps, stages, bwd_keys = re.fullmatch(
-            r"fused_fwd(\d+x\d+)_bwd(\d+x\d+)(?:_w(\d+))?(?:_s(\d+))?(?:_bn(\d+))?", base
+        fwd, bwd, warps, bwd_warps, stages, bwd_keys = re.fullmatch(
+            r"fused_fwd(\d+x\d+)_bwd(\d+x\d+)(?:_w(\d+))?(?:_bw(\d+))?(?:_s(\d+))?(?:_bn(\d+))?", base
         ).groups()
         monkeypatch.setattr(flow_op, "FWD_TILE_GROUP", tuple(int(v) for v in fwd.split("x")))
         monkeypatch.setattr(flow_op, "BWD_TILE_GROUP", tuple(int(v) for v in bwd.split("x")))
-        if warps:
+        if warps or bwd_warps:
             launch = flow_op.fine_launch
-            monkeypatch.setattr(flow_op, "fine_launch", lambda *args, **kw: (int(warps), launch(*args, **kw)[1]))
+
+            def patched_launch(block_q, d_pad, backward):
+                default_warps, query_major = launch(block_q, d_pad, backward)
+                chosen = bwd_warps if backward and bwd_warps else warps
+                return (int(chosen) if chosen else default_warps), query_major
+
+            monkeypatch.setattr(flow_op, "fine_launch", patched_launch)
         if stages:
             monkeypatch.setattr(flow_op, "NUM_STAGES", int(stages))
         if bwd_keys:
@@ -280,8 +290,9 @@ def _write(measured: List[Dict[str, object]]) -> None:
     """(Re)write the results table from the rows measured so far (copied: derived columns and analytic rows are
     added to the copies only)."""
     rows = [dict(row) for row in measured]
-    base = next((r for r in rows if r["provider"] == BASELINE), None)
+    bases = {mode: next((r for r in rows if r["provider"] == BASELINE + mode), None) for mode in ("", GRAPHED)}
     for row in rows:
+        base = bases[GRAPHED if row["provider"].endswith(GRAPHED) else ""]
         if base is not None:
             row["time_ratio"] = row["ms"] / base["ms"]
             row["memory_ratio"] = row["peak_MiB"] / max(base["peak_MiB"], 1e-9)
@@ -309,7 +320,8 @@ def _write(measured: List[Dict[str, object]]) -> None:
         "peak_MiB: " + ("torch.cuda.max_memory_allocated during one step minus memory allocated before it"
                         if DEVICE == "cuda" else
                         "peak live bytes of the CPU allocator during one step (torch.profiler memory events)"),
-        f"time_ratio, memory_ratio: this provider / {BASELINE}",
+        f"time_ratio, memory_ratio: this provider / {BASELINE} in the same mode (eager, or {BASELINE}{GRAPHED} for "
+        "the replayed rows)",
         "dense_global covers all F*F ordered pairs (DiTFlow); the others the span pairs (FastVMT)",
         f"*{GRAPHED}: the same step captured once in a CUDA graph and replayed (GPU time without the host's "
         "queueing; peak_MiB is the eager step's)",

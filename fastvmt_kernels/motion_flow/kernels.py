@@ -57,10 +57,10 @@ NUM_WARPS = 4
 NUM_STAGES = 3
 COMPACT_NUM_STAGES = 2  # devices with less shared memory per block than Hopper (see op._num_stages)
 # Tiles per fine-pass program (y, x), forward and backward, and pipeline stages. Measured on an H100 at Wan2.1-1.3B
-# shapes (3 x 4 tiles, window 21; benchmarks/results/motion_flow_gpu.md, ablation rows; gpu_runs.md run 4): fwd + bwd
-# step 1.34 ms with 2 x 2 groups in 3 stages (48 queries in 64 slots, query-major at 4 warps), 1.38 ms with 2 x 2 in
-# 2 stages, 1.39 ms with 4 x 1 / 2 x 1, 1.40 ms with 1 x 2, 1.75 ms with the former default 2 x 1 (2 stages) and
-# 1.77 ms with one tile per program. (1, 1) is one tile per program.
+# shapes (3 x 4 tiles, window 21; benchmarks/results/gpu_runs.md, runs 4 and 5): run 4's eager ablation rows put 2 x 2
+# groups in 3 stages first (1.34 ms per fwd + bwd step; 1.75 ms for the former default, 2 x 1 in 2 stages); the
+# GPU time confirms it: 590 us of kernels per step (run 5's profile) against 986 us for 2 x 1 (run 4's), 0.61 vs
+# 1.05 ms replayed as a CUDA graph. (1, 1) is one tile per program.
 BWD_TILE_GROUP = (2, 2)
 FWD_TILE_GROUP = (2, 2)
 # Window origin row of invalid query slots: no key's row is within a window of it.
@@ -445,12 +445,15 @@ _INSPECT_DIM = 128
 _INSPECT_MAX_DIM = 256
 _INSPECT_TILE_SLOTS = 12  # Wan's 3 x 4 tiles
 INSPECT_NARROW_GROUP = (2, 1)  # a group narrow enough to run keys-major (benchmark ablations)
-INSPECT_SMALL_BWD_BLOCK_N = 32  # the backward's spill-free key block (benchmark ablation rows *_bn32)
+# The backward's spill-free variant (benchmark ablation row fused_fwd2x2_bwd2x2_bw8_bn32): 32 keys per step at 8 warps.
+INSPECT_SMALL_BWD_BLOCK_N = 32
+INSPECT_SMALL_BWD_NUM_WARPS = 8
 
 
 def inspect_specs():
-    """GPU configurations (bf16, D = 128, 3 x 4 tiles) of the three kernels for the compile report: the default
-    tile groups and a 2 x 2 group (query-major; the benchmark's ablations)."""
+    """GPU configurations (bf16, 3 x 4 tiles) of the three kernels for the compile report: the default 2 x 2 tile
+    groups (query-major) at D = 128 and 256, a 2 x 1 group (keys-major) and the backward with 32 keys per step at
+    8 warps (the benchmark's ablations)."""
     from ..inspect import KernelSpec
 
     def sig(fn, types):
@@ -493,27 +496,31 @@ def inspect_specs():
         )
     ]
     passes = (("fwd", _fine_fwd_kernel, fwd), ("bwd", _fine_bwd_kernel, bwd))
-    # (pass, group, head dim): the default groups at Wan's D = 128 and at the largest D, and a query-major group.
-    configs = [(p, g, d, None) for g, d in ((FWD_TILE_GROUP, _INSPECT_DIM), (FWD_TILE_GROUP, _INSPECT_MAX_DIM),
-                                            (INSPECT_NARROW_GROUP, _INSPECT_DIM)) for p in passes]
-    configs.append((passes[1], BWD_TILE_GROUP, _INSPECT_DIM, INSPECT_SMALL_BWD_BLOCK_N))  # the spill-free ablation
-    for (label, fn, signature), group, dim, block_n in configs:
+    # (pass, group, head dim, keys, warps): the default groups at Wan's D = 128 and at the largest D, a keys-major
+    # group, and the spill-free backward.
+    configs = [(p, g, d, None, None) for g, d in ((FWD_TILE_GROUP, _INSPECT_DIM), (FWD_TILE_GROUP, _INSPECT_MAX_DIM),
+                                                  (INSPECT_NARROW_GROUP, _INSPECT_DIM)) for p in passes]
+    configs.append((passes[1], BWD_TILE_GROUP, _INSPECT_DIM, INSPECT_SMALL_BWD_BLOCK_N, INSPECT_SMALL_BWD_NUM_WARPS))
+    for (label, fn, signature), group, dim, block_n, warps in configs:
         if label == "bwd" and group == FWD_TILE_GROUP:
             group = BWD_TILE_GROUP
         block_q = slots(group)
         if block_n is None:
             block_n = BWD_BLOCK_N if label == "bwd" else FINE_BLOCK_N
         suffix = "" if block_n == (BWD_BLOCK_N if label == "bwd" else FINE_BLOCK_N) else f" n{block_n}"
+        launch_warps, query_major = fine_launch(block_q, dim, label == "bwd")
+        if warps is not None:
+            launch_warps, suffix = warps, f"{suffix} w{warps}"
         specs.append(
             KernelSpec(
                 f"motion_flow_fine_{label} bf16 d{dim} tile3x4 group{group[0]}x{group[1]}{suffix}",
                 fn,
                 signature,
                 dict(dim_constexprs, HEAD_DIM=dim, D_PAD=dim, BLOCK_Q=block_q, BLOCK_N=block_n,
-                     GROUP_Y=group[0], GROUP_X=group[1], QUERY_MAJOR=fine_launch(block_q, dim, label == "bwd")[1],
+                     GROUP_Y=group[0], GROUP_X=group[1], QUERY_MAJOR=query_major,
                      **({"FUSED_SUMS": True} if label == "fwd" else {})),
                 divisible=ptr_names(signature) + ["stride_qb", "stride_qf", "stride_qs"],
-                num_warps=fine_launch(block_q, dim, label == "bwd")[0],
+                num_warps=launch_warps,
                 num_stages=NUM_STAGES,
             )
         )
