@@ -21,7 +21,7 @@ DRY=0
 [[ "${1:-}" == "--dry" ]] && DRY=1
 # The kernel-level test files (the pipeline/testbed/CLI tests exercise the same kernels on tiny models); the joint-
 # attention tests last: if the stage runs out of time, the core kernels have been tested.
-GPU_TEST_FILES="tests/test_index_math.py tests/test_motion_flow.py tests/test_local_attention_triton.py tests/test_local_attention_reference.py tests/test_adamw.py tests/test_losses.py tests/test_joint_local_attention.py"
+GPU_TEST_FILES="tests/test_index_math.py tests/test_motion_flow.py tests/test_local_attention_triton.py tests/test_device_limits.py tests/test_local_attention_reference.py tests/test_adamw.py tests/test_losses.py tests/test_joint_local_attention.py"
 # Benchmark files, one stage each with its own timeout (seconds), most needed first: a slow one cannot starve the rest.
 BENCH_STAGES=("motion_flow 60" "motion_flow_host 30" "pipeline 170" "local_attention 100")
 if [[ $DRY == 1 ]]; then

@@ -98,8 +98,9 @@ def spill_instructions(instructions: List[str], op: str) -> int:
     return sum(1 for text in instructions if (m := _SPILL_OP.match(text)) and m.group(1) == op)
 
 
-def compile_spec(spec: KernelSpec) -> Dict[str, Any]:
-    """Compile ``spec`` for sm_90a and return its resource usage as a dict."""
+def compile_spec(spec: KernelSpec, target: Tuple[str, int, int] = HOPPER) -> Dict[str, Any]:
+    """Compile ``spec`` for ``target`` (backend, compute capability, warp size; default sm_90a) and return its
+    resource usage as a dict."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -111,7 +112,7 @@ def compile_spec(spec: KernelSpec) -> Dict[str, Any]:
     attrs = {(names.index(n),): [["tt.divisibility", DIVISIBILITY]] for n in spec.divisible}
     src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     kernel = triton.compile(
-        src, target=GPUTarget(*HOPPER), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+        src, target=GPUTarget(*target), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     )
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
