@@ -81,14 +81,20 @@ DRY_ABLATIONS = ("fused_fwd1x1_bwd1x1", "fused_fwd2x2_bwd2x2_w4_bw8_s1_bn32")  #
 # Suffix of a provider whose step is captured once in a CUDA graph and replayed: the GPU time of the step without
 # the host's cost of queueing it (what torch.compile(mode="reduce-overhead") or a captured pipeline gets).
 GRAPHED = "+cuda_graph"
+# Suffix of a provider timed over BACK_TO_BACK_STEPS eager steps queued back to back, one synchronisation at the end
+# (ms per step): the host queues the next step while the GPU runs the last, as in a loop of steps. The plain eager
+# rows synchronise after every step, so a host-bound step's host time and kernel time add up there.
+BACK_TO_BACK = "+back_to_back"
+BACK_TO_BACK_STEPS = 10
+MODES = ("", GRAPHED, BACK_TO_BACK)
 PROVIDERS = {
     # Ablations only as CUDA graphs: the eager step is host-bound on a GPU (gpu_runs.md, run 5: eager rows spread
     # 1.45-2.21 ms over GPU times under 1 ms), so only replayed rows rank kernel configurations.
-    "gpu": ("fused", "fused" + GRAPHED, *(a + GRAPHED for a in ABLATIONS), "dense_global", "dense_gather_local",
-            "dense_global" + GRAPHED),
+    "gpu": ("fused", "fused" + GRAPHED, "fused" + BACK_TO_BACK, *(a + GRAPHED for a in ABLATIONS), "dense_global",
+            "dense_gather_local", "dense_global" + GRAPHED, "dense_global" + BACK_TO_BACK),
     "cpu": ("chunked_reference", "dense_global", "dense_gather_local"),
     "cpu_wan": ("chunked_reference", "dense_gather_local"),
-    "dry": ("fused", *DRY_ABLATIONS, "chunked_reference", "dense_global", "dense_gather_local"),
+    "dry": ("fused", "fused" + BACK_TO_BACK, *DRY_ABLATIONS, "chunked_reference", "dense_global", "dense_gather_local"),
 }[MODE]
 FP32, KEY_BYTES, INDEX_BYTES = 4, 2, 8
 SANITY_REL_TOL = 2e-2  # fused vs the fp32 reference on the same windows (bf16 inputs on GPU)  # fp32 maps, bf16 q/k (Wan), int64 window origins
@@ -242,7 +248,8 @@ def cuda_graphed(step: Callable[[], object]) -> Callable[[], object]:
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_motion_flow(benchmark, provider, monkeypatch):
-    base, graphed = provider.removesuffix(GRAPHED), provider.endswith(GRAPHED)
+    mode = _mode(provider)
+    base, graphed, back_to_back = provider.removesuffix(mode), mode == GRAPHED, mode == BACK_TO_BACK
     if base.startswith("fused_"):  # ablation: fused_fwd{a}x{b}_bwd{c}x{d} tiles per fine-pass program
         from fastvmt_kernels.motion_flow import op as flow_op
 
@@ -273,30 +280,39 @@ def test_motion_flow(benchmark, provider, monkeypatch):
     step()  # compile / warm up outside the timing
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
     mem = peak_bytes(step)
+    steps_per_round = 1
     if graphed:
         step = cuda_graphed(step)
         sync()
+    elif back_to_back:
+        single, steps_per_round = step, BACK_TO_BACK_STEPS
+        step = lambda: [single() for _ in range(steps_per_round)]  # noqa: E731
     start = time.perf_counter()
     benchmark.pedantic(lambda: (step(), sync()), rounds=ROUNDS, iterations=1)
     wall = (time.perf_counter() - start) / ROUNDS
     stats = getattr(benchmark, "stats", None)
-    ms = stats.stats.median * 1e3 if stats is not None else wall * 1e3
+    ms = (stats.stats.median * 1e3 if stats is not None else wall * 1e3) / steps_per_round
     pairs = f * f if base == "dense_global" else make_pairs(f, SHAPE["span"]).shape[0]
     RESULTS.append({"provider": provider, "pairs": pairs, "ms": ms, "peak_MiB": mem / 2**20})
     _write(RESULTS)  # rewritten after every provider: a stage timeout keeps what was measured
+
+
+def _mode(provider: str) -> str:
+    """The timing-mode suffix of a provider name ("" for a plain eager row)."""
+    return next((mode for mode in MODES if mode and provider.endswith(mode)), "")
 
 
 def _write(measured: List[Dict[str, object]]) -> None:
     """(Re)write the results table from the rows measured so far (copied: derived columns and analytic rows are
     added to the copies only)."""
     rows = [dict(row) for row in measured]
-    bases = {mode: next((r for r in rows if r["provider"] == BASELINE + mode), None) for mode in ("", GRAPHED)}
+    bases = {mode: next((r for r in rows if r["provider"] == BASELINE + mode), None) for mode in MODES}
     for row in rows:
-        base = bases[GRAPHED if row["provider"].endswith(GRAPHED) else ""]
+        base = bases[_mode(row["provider"])]
         if base is not None:
             row["time_ratio"] = row["ms"] / base["ms"]
             row["memory_ratio"] = row["peak_MiB"] / max(base["peak_MiB"], 1e-9)
-        provider = row["provider"].removesuffix(GRAPHED)
+        provider = row["provider"].removesuffix(_mode(row["provider"]))
         analytic = ANALYTIC.get("fused" if provider.startswith("fused_") else provider)
         if analytic is not None:
             row["analytic_MiB_this_shape"] = analytic(SHAPE, torch.finfo(DTYPE).bits // 8) / 2**20
@@ -320,9 +336,11 @@ def _write(measured: List[Dict[str, object]]) -> None:
         "peak_MiB: " + ("torch.cuda.max_memory_allocated during one step minus memory allocated before it"
                         if DEVICE == "cuda" else
                         "peak live bytes of the CPU allocator during one step (torch.profiler memory events)"),
-        f"time_ratio, memory_ratio: this provider / {BASELINE} in the same mode (eager, or {BASELINE}{GRAPHED} for "
-        "the replayed rows)",
+        f"time_ratio, memory_ratio: this provider / {BASELINE} in the same mode (eager, {BASELINE}{GRAPHED}, "
+        f"{BASELINE}{BACK_TO_BACK})",
         "dense_global covers all F*F ordered pairs (DiTFlow); the others the span pairs (FastVMT)",
+        f"*{BACK_TO_BACK}: ms per step of {BACK_TO_BACK_STEPS} eager steps queued back to back, one "
+        "synchronisation at the end (the eager rows synchronise after every step)",
         f"*{GRAPHED}: the same step captured once in a CUDA graph and replayed (GPU time without the host's "
         "queueing; peak_MiB is the eager step's)",
         *extra,
