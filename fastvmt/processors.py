@@ -30,6 +30,15 @@ DEFAULT_PHASE = "denoise"
 DEFAULT_LOCAL_TILE = (3, 10, 4)
 DEFAULT_LOCAL_WINDOW = (5, 2, 7)
 GRID_ATTRIBUTE = "_fastvmt_token_grid"
+# Transformers whose video self-attention is Wan's (blocks[i].attn1 with WanAttnProcessor's projections and RoPE):
+# class name -> the extra block lists whose attn1 run on the same token grid, as (block list, config field naming the
+# main block each one belongs to). Wan-VACE's control blocks see the control video's tokens, patch-embedded like the
+# latent's; a VACE block is patched with the main block it feeds (config.vace_layers).
+WAN_FAMILY = {
+    "WanTransformer3DModel": (),
+    "WanVACETransformer3DModel": (("vace_blocks", "vace_layers"),),
+    "ChronoEditTransformer3DModel": (),
+}
 # Transformers with joint text + video attention: class name -> the module that defines their local processor
 # (PROCESSOR), its processor keys (processor_keys(transformer, blocks)) and token grid (token_grid(transformer, shape)).
 OTHER_FAMILIES = {
@@ -254,6 +263,17 @@ def _self_attention_keys(
     return [f"{block_list}.{i}.attn1.processor" for i in chosen]
 
 
+def _wan_self_attention_keys(transformer, blocks: Optional[Iterable[int]]) -> Sequence[str]:
+    """attn1 processor keys of the chosen main blocks of a WAN_FAMILY transformer, plus those of its extra block
+    lists (Wan-VACE's control blocks) that belong to a chosen main block."""
+    chosen = select_blocks(len(transformer.blocks), blocks)
+    keys = _self_attention_keys(transformer, chosen)
+    for block_list, owner_field in WAN_FAMILY[type(transformer).__name__]:
+        owners = getattr(transformer.config, owner_field)
+        keys += [f"{block_list}.{i}.attn1.processor" for i, owner in enumerate(owners) if owner in chosen]
+    return keys
+
+
 def apply_local_attention(
     transformer,
     tile: Sequence[int] = DEFAULT_LOCAL_TILE,
@@ -262,10 +282,12 @@ def apply_local_attention(
     phases: str = "both",
     backend: str = "auto",
 ) -> Dict[str, object]:
-    """Replace the self-attention of ``blocks`` (default: all) of a Wan transformer with local attention.
+    """Replace the self-attention of ``blocks`` (default: all) of a video transformer with local attention.
 
     Args:
-        transformer: a diffusers ``WanTransformer3DModel``, or a ``CogVideoXTransformer3DModel`` /
+        transformer: a diffusers ``WanTransformer3DModel`` (Wan2.1 / 2.2), ``WanVACETransformer3DModel`` (its
+            control blocks are patched with the main block each feeds) or ``ChronoEditTransformer3DModel``
+            (cross-attention untouched), or a ``CogVideoXTransformer3DModel`` /
             ``HunyuanVideoTransformer3DModel`` (their joint text + video attention then runs
             :func:`fastvmt_kernels.joint_local_attention`; see :mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`).
         tile: (tt, th, tw) tokens per tile; window: (wt, wh, ww) in tiles.
@@ -276,9 +298,16 @@ def apply_local_attention(
     Returns:
         The previous processors (a dict for ``transformer.set_attn_processor``, which undoes the patch).
     """
-    family = OTHER_FAMILIES.get(type(transformer).__name__)
+    name = type(transformer).__name__
+    family = OTHER_FAMILIES.get(name)
     if family is None:
-        processor_class, keys, grid_of = LocalAttnProcessor, _self_attention_keys(transformer, blocks), token_grid_of
+        if name not in WAN_FAMILY:
+            raise ValueError(
+                f"apply_local_attention supports {sorted(WAN_FAMILY) + sorted(OTHER_FAMILIES)}, got {name}; for "
+                "another video DiT, call fastvmt_kernels.local_attention (or joint_local_attention) from its own "
+                "attention processor"
+            )
+        processor_class, keys, grid_of = LocalAttnProcessor, _wan_self_attention_keys(transformer, blocks), token_grid_of
     else:
         module = importlib.import_module(family)
         processor_class, keys, grid_of = module.PROCESSOR, module.processor_keys(transformer, blocks), module.token_grid

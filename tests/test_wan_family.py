@@ -1,0 +1,109 @@
+"""apply_local_attention on the other diffusers transformers built on Wan's self-attention (Wan-VACE with its control
+blocks, ChronoEdit), and a clear refusal of transformers it does not know."""
+import pytest
+import torch
+from _utils import REL_TOL, assert_rel_close
+from _wan_tiny import single_thread, transformer_config
+
+from fastvmt.processors import LocalAttnProcessor, apply_local_attention
+
+NUM_LAYERS = 4
+VACE_LAYERS = (0, 2)  # main blocks fed by the two control blocks
+CONTROL_CHANNELS = 6
+TEXT_LEN = 7
+COVERING = (99, 99, 99)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from single_thread()
+
+
+def _sharpen(blocks):
+    """Sharper attention than the default init, so local and dense attention differ visibly."""
+    with torch.no_grad():
+        for block in blocks:
+            block.attn1.to_q.weight.mul_(4.0)
+            block.attn1.to_k.weight.mul_(4.0)
+
+
+def _vace():
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(0)
+    config = dict(transformer_config(in_channels=4, num_layers=NUM_LAYERS), vace_layers=list(VACE_LAYERS),
+                  vace_in_channels=CONTROL_CHANNELS)
+    model = WanVACETransformer3DModel(**config).eval()
+    _sharpen(list(model.blocks) + list(model.vace_blocks))
+    return model
+
+
+def _chronoedit():
+    from diffusers import ChronoEditTransformer3DModel
+
+    torch.manual_seed(0)
+    model = ChronoEditTransformer3DModel(**transformer_config(in_channels=4, num_layers=NUM_LAYERS)).eval()
+    _sharpen(model.blocks)
+    return model
+
+
+def _inputs(model, frames=3, height=10, width=12):
+    """Ragged token grid (frames, 5, 6) with patch (1, 2, 2); control states for Wan-VACE."""
+    torch.manual_seed(1)
+    kwargs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([700.0]),
+                  encoder_hidden_states=torch.randn(1, TEXT_LEN, 32), return_dict=False)
+    if type(model).__name__ == "WanVACETransformer3DModel":
+        kwargs["control_hidden_states"] = torch.randn(1, CONTROL_CHANNELS, frames, height, width)
+    return kwargs
+
+
+@pytest.mark.parametrize("build", [_vace, _chronoedit], ids=["wan-vace", "chronoedit"])
+def test_covering_window_equals_stock_and_small_window_differs(build):
+    model = build()
+    inputs = _inputs(model)
+    with torch.no_grad():
+        stock = model(**inputs)[0]
+        previous = apply_local_attention(model, tile=(1, 2, 2), window=COVERING, backend="torch")
+        covering = model(**inputs)[0]
+        apply_local_attention(model, tile=(1, 2, 2), window=(1, 1, 1), backend="torch")
+        local = model(**inputs)[0]
+        model.set_attn_processor(previous)
+        restored = model(**inputs)[0]
+    assert_rel_close(covering, stock, REL_TOL[torch.float32], "covering window vs stock")
+    assert (local - stock).abs().max() > 1e-3
+    assert torch.equal(restored, stock)
+    for key, processor in model.attn_processors.items():
+        assert not isinstance(processor, LocalAttnProcessor), f"{key} not restored"
+
+
+def test_vace_control_blocks_follow_the_main_block_they_feed():
+    model = _vace()
+    apply_local_attention(model, blocks=[2, 3], backend="torch")
+    local = {key for key, proc in model.attn_processors.items() if isinstance(proc, LocalAttnProcessor)}
+    # vace_blocks.1 feeds main block 2 (VACE_LAYERS); vace_blocks.0 feeds block 0, which is not chosen.
+    assert local == {"blocks.2.attn1.processor", "blocks.3.attn1.processor", "vace_blocks.1.attn1.processor"}
+    apply_local_attention(model, backend="torch")
+    local = {key for key, proc in model.attn_processors.items() if isinstance(proc, LocalAttnProcessor)}
+    assert local == {f"blocks.{i}.attn1.processor" for i in range(NUM_LAYERS)} | {
+        f"vace_blocks.{i}.attn1.processor" for i in range(len(VACE_LAYERS))}
+
+
+def test_vace_control_blocks_run_local_attention():
+    """Patching only the control blocks changes the output: their attention runs the local kernel too."""
+    model = _vace()
+    inputs = _inputs(model)
+    with torch.no_grad():
+        stock = model(**inputs)[0]
+        main_only = apply_local_attention(model, tile=(1, 2, 2), window=(1, 1, 1), backend="torch")
+        model.set_attn_processor({key: (proc if key.startswith("vace_blocks") else main_only[key])
+                                  for key, proc in model.attn_processors.items()})
+        control_only = model(**inputs)[0]
+    assert (control_only - stock).abs().max() > 1e-4
+
+
+def test_unknown_transformer_is_refused_with_the_supported_list():
+    class FluxTransformer2DModel(torch.nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match=r"supports \[.*WanVACETransformer3DModel.*\], got FluxTransformer2DModel"):
+        apply_local_attention(FluxTransformer2DModel())
