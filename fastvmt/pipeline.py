@@ -51,7 +51,9 @@ def _frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
 
 
 class FastVMTPipeline(WanPipeline):
-    """Wan2.1 text-to-video with motion transfer from a reference video (FastVMT / DiTFlow recipes).
+    """Wan text-to-video with motion transfer from a reference video (FastVMT / DiTFlow recipes): Wan2.1, Wan2.2's
+    two experts (A14B: ``transformer_2``, ``boundary_ratio``) and Wan2.2 TI2V-5B as text-to-video
+    (``expand_timesteps``, its 16x-compressing VAE).
 
     Components as ``WanPipeline``: ``tokenizer``, ``text_encoder``, ``vae``, ``scheduler``, ``transformer``.
     ``vae`` may be None (pixel space: latents are the video in [-1, 1], any frame count >= 2 and any size divisible
@@ -71,11 +73,9 @@ class FastVMTPipeline(WanPipeline):
         boundary_ratio: Optional[float] = None,
         expand_timesteps: bool = False,
     ):
-        if expand_timesteps:
-            raise ValueError(
-                "FastVMTPipeline supports Wan2.1 and Wan2.2's two-expert models (A14B); Wan2.2 TI2V (expand_timesteps, "
-                "per-token timesteps) is not supported"
-            )
+        # expand_timesteps (Wan2.2 TI2V-5B): WanPipeline's text-to-video path gives every token the step's timestep
+        # (its first-frame mask is all ones without an image), which is the scalar-timestep function of the same
+        # model; every pass here takes the scalar form (no per-token modulation tensors: B x L x 6 x dim fp32).
         if boundary_ratio is not None and (transformer_2 is None or not 0.0 < boundary_ratio < 1.0):
             raise ValueError(
                 f"boundary_ratio (got {boundary_ratio!r}) must lie in (0, 1) and needs transformer_2, the low-noise expert"

@@ -12,6 +12,9 @@ TEXT_DIM = 32
 MAX_SEQUENCE_LENGTH = 16
 
 
+TI2V_LATENT_CHANNELS = 48  # Wan2.2's VAE
+
+
 def transformer_config(in_channels: int, num_layers: int = 3) -> dict:
     """A 2-head, head-dim-16 Wan transformer with ``num_layers`` blocks and patch (1, 2, 2)."""
     return dict(
@@ -68,6 +71,26 @@ def build_components(vae: bool = True, num_layers: int = 3, seed: int = 0) -> di
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=transformer,
     )
+
+
+def ti2v_components(num_layers: int = 3, seed: int = 0) -> dict:
+    """Components of a Wan2.2-TI2V-5B-style pipeline: a 48-channel transformer, a residual VAE compressing space 16x
+    (patchified 2x2 pixels, 12 channels in and out) and ``expand_timesteps=True``."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    components = build_components(vae=False, num_layers=num_layers, seed=seed)
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**transformer_config(TI2V_LATENT_CHANNELS, num_layers))
+    with torch.no_grad():
+        for block in transformer.blocks:
+            block.attn1.to_q.weight.mul_(4.0)
+            block.attn1.to_k.weight.mul_(4.0)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=TI2V_LATENT_CHANNELS, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True,
+        in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * TI2V_LATENT_CHANNELS, latents_std=[1.0] * TI2V_LATENT_CHANNELS,
+    )
+    return dict(components, transformer=transformer, vae=vae, expand_timesteps=True)
 
 
 def two_expert_components(vae: bool = False, same_weights: bool = False, boundary_ratio: float = 0.5) -> dict:

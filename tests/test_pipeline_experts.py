@@ -127,7 +127,6 @@ def test_guidance_scale_2_drives_the_low_noise_expert_only(pipe):
     [
         (dict(transformer_2=None), "needs transformer_2"),
         (dict(boundary_ratio=1.5), r"must lie in \(0, 1\)"),
-        (dict(expand_timesteps=True), "TI2V"),
     ],
 )
 def test_unsupported_expert_settings_raise(overrides, match):

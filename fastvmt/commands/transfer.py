@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", required=True, help="reference video: mp4 / gif / folder of frames")
     parser.add_argument("--prompt", required=True, help="text prompt of the generated video")
     parser.add_argument("--out", required=True, help="output video path (.mp4 or .gif); written only on success")
-    parser.add_argument("--height", type=int, default=480, help="multiple of 16 (default 480)")
-    parser.add_argument("--width", type=int, default=832, help="multiple of 16 (default 832)")
+    parser.add_argument("--height", type=int, default=480, help="multiple of 16; 32 for Wan2.2 TI2V-5B (default 480)")
+    parser.add_argument("--width", type=int, default=832, help="multiple of 16; 32 for Wan2.2 TI2V-5B (default 832)")
     parser.add_argument(
         "--num-frames", type=int, default=81, help="4k+1 frames (default 81), sampled uniformly from the reference"
     )
