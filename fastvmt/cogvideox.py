@@ -4,7 +4,7 @@ CogVideoX attends its text tokens and video tokens in one sequence, [text, video
 computes Q, K, V exactly as ``CogVideoXAttnProcessor2_0`` and replaces the dense attention with
 :func:`fastvmt_kernels.joint_local_attention`: video queries attend their local window of video keys plus all text
 keys; text queries attend everything. ``fastvmt.apply_local_attention(transformer, ...)`` installs it when given a
-``CogVideoXTransformer3DModel`` (through :data:`PROCESSOR`, :func:`processor_keys` and :func:`token_grid`).
+``CogVideoXTransformer3DModel`` (through :data:`PROCESSOR`, :func:`processor_keys` and :data:`read_grid`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .processors import LocalWindowSettings, _self_attention_keys
+from .processors import LocalWindowSettings, _self_attention_keys, grid_from_input_shape
 
 BLOCK_LIST = "transformer_blocks"
 
@@ -59,6 +59,7 @@ class CogVideoXLocalAttnProcessor(LocalWindowSettings, CogVideoXAttnProcessor2_0
         return hidden_states, encoder_hidden_states
 
 
+read_grid = grid_from_input_shape(token_grid)
 PROCESSOR = CogVideoXLocalAttnProcessor
 
 

@@ -15,7 +15,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
-from .processors import LocalWindowSettings, select_blocks
+from .processors import LocalWindowSettings, grid_from_input_shape, select_blocks
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
@@ -92,6 +92,7 @@ class HunyuanVideoLocalAttnProcessor(LocalWindowSettings, HunyuanVideoAttnProces
         return hidden_states, encoder_hidden_states
 
 
+read_grid = grid_from_input_shape(token_grid)
 PROCESSOR = HunyuanVideoLocalAttnProcessor
 
 

@@ -7,9 +7,10 @@
   ``WanAttnProcessor`` and so keeps ``_attention_backend`` / ``_parallel_config`` for diffusers' backend and
   parallelism machinery.
 - :func:`apply_local_attention` installs it on a live transformer; ``phases`` chooses guidance passes, denoising
-  passes or both (the pipeline marks passes with :func:`attention_phase`). Given a CogVideoX or HunyuanVideo
-  transformer it installs that family's joint text + video processor instead (:mod:`fastvmt.cogvideox`,
-  :mod:`fastvmt.hunyuan_video`: each gives its ``PROCESSOR``, ``processor_keys`` and ``token_grid``; the settings
+  passes or both (the pipeline marks passes with :func:`attention_phase`). It patches the Wan family (Wan2.1 / 2.2,
+  Wan-VACE with its control blocks, ChronoEdit); given a CogVideoX, HunyuanVideo or LTX-Video transformer it
+  installs that family's processor instead (:mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`,
+  :mod:`fastvmt.ltx_video`: each gives its ``PROCESSOR``, ``processor_keys`` and ``read_grid``; the settings
   (:class:`LocalWindowSettings`) and the installation (:func:`install_local_processor`) are shared).
 """
 from __future__ import annotations
@@ -39,11 +40,12 @@ WAN_FAMILY = {
     "WanVACETransformer3DModel": (("vace_blocks", "vace_layers"),),
     "ChronoEditTransformer3DModel": (),
 }
-# Transformers with joint text + video attention: class name -> the module that defines their local processor
-# (PROCESSOR), its processor keys (processor_keys(transformer, blocks)) and token grid (token_grid(transformer, shape)).
+# Other transformers: class name -> the module that defines their local processor (PROCESSOR), its processor keys
+# (processor_keys(transformer, blocks)) and the token grid of a call (read_grid(transformer, args, kwargs)).
 OTHER_FAMILIES = {
     "CogVideoXTransformer3DModel": "fastvmt.cogvideox",
     "HunyuanVideoTransformer3DModel": "fastvmt.hunyuan_video",
+    "LTXVideoTransformer3DModel": "fastvmt.ltx_video",
 }
 
 _phase_state = threading.local()
@@ -227,17 +229,29 @@ def set_token_grid(transformer, latents_shape: Sequence[int]) -> None:
         holder.value = token_grid_of(transformer, latents_shape)
 
 
-def _track_token_grid(transformer, grid_of=token_grid_of) -> _TokenGrid:
-    """Shared grid holder of ``transformer``, updated by a pre-forward hook from ``grid_of(module, input shape)``."""
+def grid_from_input_shape(grid_of=token_grid_of):
+    """A token-grid reader for :func:`install_local_processor`: ``(module, args, kwargs) -> grid_of(module,
+    hidden_states.shape)``, or None when the call has no ``hidden_states``."""
+
+    def read(module, args, kwargs):
+        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+        return None if hidden_states is None else grid_of(module, hidden_states.shape)
+
+    return read
+
+
+def _track_token_grid(transformer, read_grid) -> _TokenGrid:
+    """Shared grid holder of ``transformer``, updated by a pre-forward hook from ``read_grid(module, args, kwargs)``
+    (a None result leaves it unchanged)."""
     holder = getattr(transformer, GRID_ATTRIBUTE, None)
     if holder is not None:
         return holder
     holder = _TokenGrid()
 
     def pre_forward(module, args, kwargs):
-        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-        if hidden_states is not None:
-            holder.value = grid_of(module, hidden_states.shape)
+        grid = read_grid(module, args, kwargs)
+        if grid is not None:
+            holder.value = grid
 
     holder.hook = transformer.register_forward_pre_hook(pre_forward, with_kwargs=True)
     setattr(transformer, GRID_ATTRIBUTE, holder)
@@ -307,19 +321,22 @@ def apply_local_attention(
                 "another video DiT, call fastvmt_kernels.local_attention (or joint_local_attention) from its own "
                 "attention processor"
             )
-        processor_class, keys, grid_of = LocalAttnProcessor, _wan_self_attention_keys(transformer, blocks), token_grid_of
+        processor_class, keys, read_grid = (
+            LocalAttnProcessor, _wan_self_attention_keys(transformer, blocks), grid_from_input_shape(token_grid_of)
+        )
     else:
         module = importlib.import_module(family)
-        processor_class, keys, grid_of = module.PROCESSOR, module.processor_keys(transformer, blocks), module.token_grid
+        processor_class, keys, read_grid = module.PROCESSOR, module.processor_keys(transformer, blocks), module.read_grid
     processor = processor_class(tile=tile, window=window, phases=phases, backend=backend)
-    return install_local_processor(transformer, processor, keys, grid_of)
+    return install_local_processor(transformer, processor, keys, read_grid)
 
 
-def install_local_processor(transformer, processor: LocalWindowSettings, keys: Sequence[str], grid_of=token_grid_of):
+def install_local_processor(transformer, processor: LocalWindowSettings, keys: Sequence[str], read_grid=None):
     """Set ``processor`` at the processor ``keys`` of ``transformer``, feeding it the token grid of every call
-    (``grid_of(transformer, input shape)`` in a pre-forward hook); returns the previous processors."""
+    (``read_grid(transformer, args, kwargs)`` in a pre-forward hook; default: :func:`grid_from_input_shape` with
+    :func:`token_grid_of`); returns the previous processors."""
     previous = dict(transformer.attn_processors)
-    processor._grid_source = _track_token_grid(transformer, grid_of)
+    processor._grid_source = _track_token_grid(transformer, read_grid or grid_from_input_shape(token_grid_of))
     updated = dict(previous)
     for key in keys:
         updated[key] = processor
