@@ -303,7 +303,8 @@ def apply_local_attention(
             control blocks are patched with the main block each feeds) or ``ChronoEditTransformer3DModel``
             (cross-attention untouched), or a ``CogVideoXTransformer3DModel`` /
             ``HunyuanVideoTransformer3DModel`` (their joint text + video attention then runs
-            :func:`fastvmt_kernels.joint_local_attention`; see :mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`).
+            :func:`fastvmt_kernels.joint_local_attention`; see :mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`),
+            or an ``LTXVideoTransformer3DModel`` (self-attention, :mod:`fastvmt.ltx_video`). Others raise ValueError.
         tile: (tt, th, tw) tokens per tile; window: (wt, wh, ww) in tiles.
         blocks: block indices to patch, None for every block.
         phases: "both", "guidance" (only the motion-guidance passes) or "denoise" (only the denoising passes).
