@@ -7,10 +7,12 @@ from ._version import __version__
 _LAZY_EXPORTS = {
     "MotionTransferConfig": "fastvmt.config",
     "FastVMTPipeline": "fastvmt.pipeline",
+    "FastVMTImageToVideoPipeline": "fastvmt.image_to_video",
     "apply_local_attention": "fastvmt.processors",
     "LocalAttnProcessor": "fastvmt.processors",
     "CogVideoXLocalAttnProcessor": "fastvmt.cogvideox",
     "HunyuanVideoLocalAttnProcessor": "fastvmt.hunyuan_video",
+    "LTXVideoLocalAttnProcessor": "fastvmt.ltx_video",
     "QKCaptureProcessor": "fastvmt.processors",
     "attention_phase": "fastvmt.processors",
     "load_video": "fastvmt.video_io",

@@ -54,15 +54,21 @@ def _enter_offload_hook(module) -> None:
         hook.pre_forward(module)
 
 
-def _run_blocks_manually(transformer, latents, timestep, encoder_hidden_states, block, use_checkpoint) -> None:
-    """Wan2.1's forward preamble, blocks [0, block) (optionally checkpointed), then ``block`` (which stops)."""
+def _run_blocks_manually(
+    transformer, latents, timestep, encoder_hidden_states, block, use_checkpoint, encoder_hidden_states_image=None
+) -> None:
+    """Wan's forward preamble, blocks [0, block) (optionally checkpointed), then ``block`` (which stops)."""
     if timestep.ndim != 1:
         raise ValueError(f"truncated passes support per-sample timesteps (B,) only (Wan2.1), got {tuple(timestep.shape)}")
     _enter_offload_hook(transformer)
     rotary_emb = transformer.rope(latents)
     hidden = transformer.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
-    _, timestep_proj, text, _ = transformer.condition_embedder(timestep, encoder_hidden_states, None, timestep_seq_len=None)
+    _, timestep_proj, text, image = transformer.condition_embedder(
+        timestep, encoder_hidden_states, encoder_hidden_states_image, timestep_seq_len=None
+    )
     timestep_proj = timestep_proj.unflatten(1, (6, -1))
+    if image is not None:  # image-to-video: the cross-attention context is [image tokens, text tokens]
+        text = torch.concat([image, text], dim=1)
     phase = current_phase()
     for layer in transformer.blocks[:block]:
         if use_checkpoint and torch.is_grad_enabled():
@@ -81,14 +87,17 @@ def truncated_qk(
     *,
     gradient_checkpointing: bool = False,
     attention_kwargs: Optional[Dict[str, Any]] = None,
+    encoder_hidden_states_image: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Q and K of ``blocks[block]``'s self-attention (after norm and RoPE) from a pass that stops right there.
 
     Args:
         transformer: diffusers ``WanTransformer3DModel``.
-        latents: (B, C, F, H, W) transformer input (in the transformer's dtype).
+        latents: (B, C, F, H, W) transformer input (in the transformer's dtype; for image-to-video the noisy latent
+            and the image condition concatenated on channels, as ``WanImageToVideoPipeline`` feeds it).
         timestep: (B,) timesteps.
         encoder_hidden_states: (B, T, text_dim) prompt embeddings.
+        encoder_hidden_states_image: (B, T_img, image_dim) image-encoder embeddings (Wan2.1 I2V), or None.
         block: motion block index.
         gradient_checkpointing: recompute blocks [0, block) in backward (runs the blocks directly); otherwise the pass
             goes through ``transformer.forward`` unchanged (hooks, LoRA scale, attention kwargs apply).
@@ -101,7 +110,9 @@ def truncated_qk(
         try:
             if gradient_checkpointing:
                 set_token_grid(transformer, latents.shape)
-                _run_blocks_manually(transformer, latents, timestep, encoder_hidden_states, block, True)
+                _run_blocks_manually(
+                    transformer, latents, timestep, encoder_hidden_states, block, True, encoder_hidden_states_image
+                )
             else:
                 saved_flag = getattr(transformer, "gradient_checkpointing", False)
                 transformer.gradient_checkpointing = False  # a checkpointed motion block could not be replayed
@@ -110,6 +121,7 @@ def truncated_qk(
                         hidden_states=latents,
                         timestep=timestep,
                         encoder_hidden_states=encoder_hidden_states,
+                        encoder_hidden_states_image=encoder_hidden_states_image,
                         attention_kwargs=attention_kwargs,
                         return_dict=False,
                     )

@@ -181,6 +181,23 @@ class FastVMTPipeline(WanPipeline):
         inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(shape).to(latents.device, torch.float32)
         return mean, inv_std
 
+    # ------------------------------------------------------------------ conditioning (image-to-video overrides these)
+    def latent_channels(self) -> int:
+        """Channels of the latent being denoised (text-to-video: the transformer's input channels)."""
+        return self.transformer.config.in_channels
+
+    def prepare_conditioning(
+        self, reference: Optional[torch.Tensor], batch: int, height: int, width: int, num_frames: int, device
+    ) -> None:
+        """Called once per ``__call__`` before the denoising loop with the prepared reference frames (F, 3, H, W) in
+        [0, 1] (or None); text-to-video has nothing to prepare."""
+
+    def model_input(self, latents: torch.Tensor, role: str) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """The transformer input for ``latents`` (B, C, F', H', W') in a pass of ``role`` ("target": the generated
+        video, "reference": the reference video) and the extra forward keyword arguments; text-to-video: the latents
+        themselves, no extra arguments."""
+        return latents, {}
+
     # ------------------------------------------------------------------ validation
     def check_inputs(
         self,
@@ -238,7 +255,7 @@ class FastVMTPipeline(WanPipeline):
         run (default ``self.transformer``).
         """
         transformer = self.transformer if transformer is None else transformer
-        hidden = latents.to(transformer.dtype)
+        hidden, extra = self.model_input(latents.to(transformer.dtype), "reference" if reference else "target")
         q, k = truncated_qk(
             transformer,
             hidden,
@@ -247,6 +264,7 @@ class FastVMTPipeline(WanPipeline):
             config.motion_block,
             gradient_checkpointing=self.use_gradient_checkpointing(hidden, config),
             attention_kwargs=attention_kwargs,
+            **extra,
         )
         return compute_flow(
             q, k, self.token_frame_shape(latents.shape), config, reference=reference, windows=windows
@@ -329,7 +347,7 @@ class FastVMTPipeline(WanPipeline):
         model = self.expert(t)
         # CFG runs when guidance_scale > 1 (WanPipeline's rule); the low-noise expert mixes with guidance_scale_2.
         scale = guidance_scale_2 if model is not self.transformer and guidance_scale_2 is not None else guidance_scale
-        model_input = latents.to(model.dtype)
+        model_input, extra = self.model_input(latents.to(model.dtype), "target")
         timestep = t.expand(latents.shape[0])
         sigma = float(t) / self.scheduler.config.num_train_timesteps  # flow matching: timestep = 1000 * sigma
         cache = {"step_index": step_index, "sigma": sigma, "num_inference_steps": self._num_timesteps}
@@ -342,6 +360,7 @@ class FastVMTPipeline(WanPipeline):
                     encoder_hidden_states=embeds,
                     attention_kwargs=attention_kwargs,
                     return_dict=False,
+                    **extra,
                 )[0]
 
         with attention_phase("denoise"):
@@ -482,7 +501,7 @@ class FastVMTPipeline(WanPipeline):
 
         latents = self.prepare_latents(
             total_batch,
-            self.transformer.config.in_channels,
+            self.latent_channels(),
             height,
             width,
             num_frames,
@@ -497,6 +516,9 @@ class FastVMTPipeline(WanPipeline):
         reference_noise = None
         if guided:
             reference_noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=torch.float32)
+        self.prepare_conditioning(
+            reference if reference_video is not None else None, total_batch, height, width, num_frames, device
+        )
 
         state = GuidanceState()
         self.guidance_state = state

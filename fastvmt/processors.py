@@ -327,7 +327,8 @@ def apply_local_attention(
         )
     else:
         module = importlib.import_module(family)
-        processor_class, keys, read_grid = module.PROCESSOR, module.processor_keys(transformer, blocks), module.read_grid
+        processor_class, read_grid = module.PROCESSOR, module.read_grid
+        keys = module.processor_keys(transformer, blocks)
     processor = processor_class(tile=tile, window=window, phases=phases, backend=backend)
     return install_local_processor(transformer, processor, keys, read_grid)
 

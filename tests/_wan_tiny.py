@@ -93,6 +93,48 @@ def ti2v_components(num_layers: int = 3, seed: int = 0) -> dict:
     return dict(components, transformer=transformer, vae=vae, expand_timesteps=True)
 
 
+CLIP_DIM = 32  # tiny image encoder width
+
+
+def i2v_components(image_encoder: bool = True, two_experts: bool = False, seed: int = 0) -> dict:
+    """Components of a Wan image-to-video pipeline: a transformer reading [latent, mask, image latents] (16 + 4 + 16
+    channels) with, if ``image_encoder``, a tiny CLIP vision model whose embeddings feed its cross-attention (Wan2.1
+    I2V), else none (Wan2.2 I2V); ``two_experts`` adds a perturbed ``transformer_2`` (A14B style)."""
+    import copy
+
+    from diffusers import WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    components = build_components(vae=True, num_layers=3, seed=seed)
+    latent = components["vae"].config.z_dim
+    torch.manual_seed(seed)
+    config = dict(transformer_config(2 * latent + 4), out_channels=latent)
+    if image_encoder:
+        config.update(image_dim=CLIP_DIM, added_kv_proj_dim=config["num_attention_heads"] * config["attention_head_dim"])
+    transformer = WanTransformer3DModel(**config)
+    with torch.no_grad():
+        for block in transformer.blocks:
+            block.attn1.to_q.weight.mul_(4.0)
+            block.attn1.to_k.weight.mul_(4.0)
+    components = dict(components, transformer=transformer)
+    if image_encoder:
+        components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=CLIP_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+            patch_size=8,
+        ))
+        components["image_processor"] = CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
+    if two_experts:
+        second = copy.deepcopy(transformer)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for param in second.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+        components.update(transformer_2=second, boundary_ratio=0.5)
+    return components
+
+
 def two_expert_components(vae: bool = False, same_weights: bool = False, boundary_ratio: float = 0.5) -> dict:
     """Components of a Wan2.2-A14B-style pipeline: ``transformer`` (high noise) and ``transformer_2`` (low noise, the
     same weights perturbed unless ``same_weights``), switched at ``boundary_ratio``."""

@@ -108,3 +108,21 @@ def test_two_expert_model_gets_local_attention_on_both_and_guidance_scale_2(refe
     assert [id(t) for t in patched] == [id(pipe.transformer), id(pipe.transformer_2)]
     assert kwargs["guidance_scale_2"] == 3.5
     assert load_video(out).shape == (9, 3, 32, 48)
+
+
+def test_image_flag_animates_the_image_with_an_image_to_video_model(reference_path, tmp_path, capsys):
+    from PIL import Image
+
+    from fastvmt import FastVMTImageToVideoPipeline
+    from _wan_tiny import i2v_components
+
+    model_dir = tmp_path / "wan_i2v"
+    FastVMTImageToVideoPipeline(**i2v_components(image_encoder=True)).save_pretrained(str(model_dir))
+    image = tmp_path / "still.png"
+    Image.fromarray((moving_square_video(1, 40, 60)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(image)
+    out = tmp_path / "out" / "animated.mp4"
+    assert main(_args(str(model_dir), reference_path, out, "--image", str(image))) == 0
+    assert load_video(out).shape == (9, 3, 32, 48)
+    missing = tmp_path / "out" / "never.mp4"
+    assert main(_args(str(model_dir), reference_path, missing, "--image", str(tmp_path / "none.png"))) == 2
+    assert "does not exist" in capsys.readouterr().err and not missing.exists()

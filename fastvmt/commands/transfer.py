@@ -1,4 +1,4 @@
-"""``fastvmt transfer``: generate a video for a prompt that moves like a reference video (Wan2.1 + FastVMT)."""
+"""``fastvmt transfer``: a video for a prompt (or an animated image) moving like a reference video (Wan + FastVMT)."""
 from __future__ import annotations
 
 import argparse
@@ -29,9 +29,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--reference", required=True, help="reference video: mp4 / gif / folder of frames")
     parser.add_argument("--prompt", required=True, help="text prompt of the generated video")
+    parser.add_argument(
+        "--image", default=None,
+        help="image to animate (Wan image-to-video models, e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers); resized to "
+             "--height x --width",
+    )
     parser.add_argument("--out", required=True, help="output video path (.mp4 or .gif); written only on success")
-    parser.add_argument("--height", type=int, default=480, help="multiple of 16; 32 for Wan2.2 TI2V-5B (default 480)")
-    parser.add_argument("--width", type=int, default=832, help="multiple of 16; 32 for Wan2.2 TI2V-5B (default 832)")
+    parser.add_argument(
+        "--height", type=int, default=480, help="multiple of 16; 32 for Wan2.2 TI2V-5B (default 480)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=832, help="multiple of 16; 32 for Wan2.2 TI2V-5B (default 832)"
+    )
     parser.add_argument(
         "--num-frames", type=int, default=81, help="4k+1 frames (default 81), sampled uniformly from the reference"
     )
@@ -113,18 +122,25 @@ def run(args: argparse.Namespace) -> int:
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         reference = prepare_reference(args.reference, args.num_frames, args.height, args.width)
+        image = None
+        if args.image is not None:
+            from fastvmt.image_to_video import load_image
+
+            image = load_image(args.image)
     except ValueError as exc:
         print(f"fastvmt transfer: error: {exc}", file=sys.stderr)
         return 2
 
     import torch
 
+    from fastvmt.image_to_video import FastVMTImageToVideoPipeline
     from fastvmt.pipeline import FastVMTPipeline
     from fastvmt.processors import DEFAULT_LOCAL_TILE, DEFAULT_LOCAL_WINDOW, apply_local_attention
 
     device, dtype = _resolve_device_dtype(args)
     start = time.perf_counter()
-    pipe = FastVMTPipeline.from_pretrained(args.model, dtype=dtype)  # diffusers 0.42 name (torch_dtype is deprecated)
+    pipeline_class = FastVMTPipeline if image is None else FastVMTImageToVideoPipeline
+    pipe = pipeline_class.from_pretrained(args.model, dtype=dtype)  # diffusers 0.42 name (torch_dtype is deprecated)
     if pipe.vae is not None:
         pipe.vae.to(torch.float32)  # the Wan VAE is numerically fragile in half precision
     pipe.to(device)
@@ -136,8 +152,10 @@ def run(args: argparse.Namespace) -> int:
                 window=args.local_window or DEFAULT_LOCAL_WINDOW,
                 phases=args.local_attention,
             )
+    image_args = () if image is None else (image,)
     try:
         frames = pipe(
+            *image_args,
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
             reference_video=reference,

@@ -1,0 +1,127 @@
+"""FastVMTImageToVideoPipeline on tiny random Wan image-to-video components (with a CLIP image encoder as Wan2.1 I2V,
+without one as Wan2.2 I2V), CPU, torch backends."""
+import pytest
+import torch
+from _utils import assert_rel_close
+from _wan_tiny import MAX_SEQUENCE_LENGTH, i2v_components, moving_square_video, single_thread
+
+from fastvmt import FastVMTImageToVideoPipeline, MotionTransferConfig
+from fastvmt.image_to_video import load_image
+from fastvmt.motion import truncated_qk
+from fastvmt.video_io import prepare_reference
+
+HEIGHT, WIDTH, FRAMES = 32, 48, 9
+MOTION_BLOCK = 1
+GUIDED_STEPS = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from single_thread()
+
+
+def small_config(**overrides):
+    base = dict(motion_block=MOTION_BLOCK, guided_steps=GUIDED_STEPS, tile=(2, 2), window=3, kernel_backend="torch")
+    return MotionTransferConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["clip", "no-image-encoder"])
+def pipe(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("i2v")
+    FastVMTImageToVideoPipeline(**i2v_components(image_encoder=request.param)).save_pretrained(str(folder))
+    pipeline = FastVMTImageToVideoPipeline.from_pretrained(str(folder))
+    pipeline.set_progress_bar_config(disable=True)
+    assert (pipeline.image_encoder is not None) == request.param
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return moving_square_video(FRAMES + 3, HEIGHT, WIDTH)
+
+
+@pytest.fixture(scope="module")
+def image():
+    torch.manual_seed(3)
+    return torch.rand(HEIGHT, WIDTH, 3)  # a different picture from the reference's first frame
+
+
+def run(pipe, image, reference, config, **kwargs):
+    args = dict(
+        prompt="a red circle", reference_video=reference, motion_config=config, height=HEIGHT, width=WIDTH,
+        num_frames=FRAMES, num_inference_steps=3, max_sequence_length=MAX_SEQUENCE_LENGTH,
+        generator=torch.Generator().manual_seed(0),
+    )
+    args.update(kwargs)
+    return pipe(image, **args)
+
+
+def test_guided_transfer_writes_the_requested_video(pipe, image, reference):
+    out = run(pipe, image, reference, small_config())
+    assert out.frames.shape == (1, FRAMES, HEIGHT, WIDTH, 3)
+    assert pipe.guidance_state.gradient_passes == 4 * GUIDED_STEPS
+
+
+def test_generated_passes_see_the_image_and_reference_passes_its_first_frame(pipe, image, reference):
+    """Every transformer call's condition channels (and CLIP embeddings) are the user's image's, except the reference
+    passes (one per guided step, no grad), which carry the reference's first frame's."""
+    batch = 1
+    target = pipe.image_condition(load_image(image), batch, HEIGHT, WIDTH, FRAMES, torch.device("cpu"))
+    first = prepare_reference(reference, FRAMES, HEIGHT, WIDTH)[0].permute(1, 2, 0)
+    ref = pipe.image_condition(load_image(first), batch, HEIGHT, WIDTH, FRAMES, torch.device("cpu"))
+    assert not torch.equal(target[0], ref[0])
+    latent = pipe.vae.config.z_dim
+    calls = []
+
+    def record(module, args, kwargs):
+        condition = kwargs["hidden_states"][:, latent:]
+        calls.append((torch.is_grad_enabled(), condition.detach().clone(), kwargs.get("encoder_hidden_states_image")))
+
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        run(pipe, image, reference, small_config())
+    finally:
+        handle.remove()
+
+    def matches(call, expected):
+        condition, embeds = expected
+        same = torch.equal(call[1], condition)
+        if embeds is None:
+            return same and call[2] is None
+        return same and call[2] is not None and torch.equal(call[2], embeds)
+
+    assert all(matches(call, target) for call in calls if call[0]), "a gradient pass lacked the image condition"
+    reference_calls = [call for call in calls if matches(call, ref)]
+    assert len(reference_calls) == GUIDED_STEPS and not any(call[0] for call in reference_calls)
+    assert all(matches(call, target) or matches(call, ref) for call in calls)
+
+
+def test_checkpointed_truncated_pass_matches_forward_with_image_context(pipe):
+    """The manual block route (gradient checkpointing) builds the same [image, text] cross-attention context as
+    the transformer's forward."""
+    torch.manual_seed(0)
+    model = pipe.transformer
+    x = torch.randn(1, model.config.in_channels, 3, 4, 6)
+    t = torch.tensor([600.0])
+    text = torch.randn(1, 5, 32)
+    embeds = torch.randn(1, 17, model.config.image_dim) if model.config.image_dim else None
+    routes = {}
+    for checkpointed in (False, True):
+        routes[checkpointed] = truncated_qk(model, x, t, text, MOTION_BLOCK, gradient_checkpointing=checkpointed,
+                                            encoder_hidden_states_image=embeds)
+    for got, want, name in zip(routes[True], routes[False], ("q", "k")):
+        assert_rel_close(got, want, 1e-5, f"checkpointed {name}")
+
+
+def test_bad_inputs_raise(pipe, reference):
+    components = i2v_components(image_encoder=False)
+    with pytest.raises(ValueError, match="needs an image"):
+        pipe(None, prompt="a cat", reference_video=reference)
+    with pytest.raises(ValueError, match="needs the Wan VAE"):
+        FastVMTImageToVideoPipeline(**dict(components, vae=None))
+    with pytest.raises(ValueError, match="TI2V-5B's image-to-video"):
+        FastVMTImageToVideoPipeline(**dict(components, expand_timesteps=True))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_image("/no/such/image.png")
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) or \(3, H, W\)"):
+        load_image(torch.rand(4, 5))
