@@ -1,4 +1,4 @@
-"""fastvmt: fast, training-free video motion transfer for video diffusion transformers (Wan2.1)."""
+"""fastvmt: fast, training-free video motion transfer for video diffusion transformers (Wan2.1 / 2.2)."""
 import importlib
 
 from ._version import __version__

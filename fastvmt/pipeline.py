@@ -1,4 +1,4 @@
-"""``FastVMTPipeline``: Wan2.1 text-to-video with training-free motion transfer from a reference clip.
+"""``FastVMTPipeline``: Wan text-to-video with training-free motion transfer from a reference clip.
 
 A subclass of diffusers' ``WanPipeline`` (same components, ``from_pretrained`` / ``save_pretrained``, arguments,
 callbacks and output). Before each of the first ``motion_config.guided_steps`` denoising steps it optimises the
