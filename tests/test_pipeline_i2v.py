@@ -125,3 +125,26 @@ def test_bad_inputs_raise(pipe, reference):
         load_image("/no/such/image.png")
     with pytest.raises(ValueError, match=r"\(H, W, 3\) or \(3, H, W\)"):
         load_image(torch.rand(4, 5))
+
+
+def test_two_expert_image_to_video_runs_each_expert_with_the_condition(image, reference):
+    """Wan2.2 I2V A14B style: both experts denoise (each for its timesteps) and both receive the image condition."""
+    pipeline = FastVMTImageToVideoPipeline(**i2v_components(image_encoder=False, two_experts=True))
+    pipeline.set_progress_bar_config(disable=True)
+    channels = {}
+
+    def record(name):
+        def hook(module, args, kwargs):
+            channels.setdefault(name, set()).add(kwargs["hidden_states"].shape[1])
+        return hook
+
+    handles = [model.register_forward_pre_hook(record(name), with_kwargs=True)
+               for name, model in (("high", pipeline.transformer), ("low", pipeline.transformer_2))]
+    try:
+        out = run(pipeline, image, reference, small_config(), num_inference_steps=4)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert out.frames.shape == (1, FRAMES, HEIGHT, WIDTH, 3)
+    expected = {pipeline.transformer.config.in_channels}
+    assert channels == {"high": expected, "low": expected}, channels
