@@ -3,7 +3,8 @@
 ``fastvmt::motion_flow_fwd(q, k, given_windows, span, <geometry>, temperature) -> (flow, windows, lse)`` and
 ``fastvmt::motion_flow_bwd(grad_flow, q, k, windows, flow, lse, span, <geometry>, temperature) -> (dq, dk)``; the
 forward registers the backward through ``register_autograd`` so the op is differentiable and traceable by
-torch.compile. The pairs are ``make_pairs(F, span)``, read by the kernels from the :class:`PairTable` cached per
+torch.compile. Eager calls run the same bodies through a plain ``torch.autograd.Function`` (about half the host time
+of a step; torch.compile still traces the custom ops). The pairs are ``make_pairs(F, span)``, read by the kernels from the :class:`PairTable` cached per
 device, so a step queues its kernels without any host synchronisation. The launchers take preallocated outputs so
 tests can poison them.
 """
@@ -13,7 +14,6 @@ import math
 from typing import Optional, Tuple
 
 import torch
-import triton
 
 from ..device_limits import has_hopper_shared_memory
 from .geometry import FlowGeometry, PairTable, make_pairs, pair_table
@@ -39,6 +39,16 @@ from .kernels import (
 Tensor = torch.Tensor
 
 
+def _next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1); plain Python, as triton.next_power_of_2 costs a constexpr-function call
+    on the host for every launch."""
+    return 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _num_stages(device: torch.device) -> int:
     """Pipeline stages of the motion-flow kernels: NUM_STAGES where a block gets Hopper's 227 KiB of shared memory
     (the D = 256 backward takes 193 KiB at 3 stages), COMPACT_NUM_STAGES elsewhere."""
@@ -52,7 +62,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _block_q(geo: FlowGeometry, group: Tuple[int, int] = (1, 1)) -> int:
     """Query slots per program: the tokens of ``group`` tiles, as a power of two >= MIN_BLOCK_Q."""
-    return max(MIN_BLOCK_Q, triton.next_power_of_2(group[0] * geo.tile[0] * group[1] * geo.tile[1]))
+    return max(MIN_BLOCK_Q, _next_power_of_2(group[0] * geo.tile[0] * group[1] * geo.tile[1]))
 
 
 def _tile_groups(geo: FlowGeometry, group: Tuple[int, int]) -> Tuple[Tuple[int, int], int, int, int]:
@@ -72,7 +82,7 @@ def launch_coarse(
         windows.zero_()
         return
     n_tiles = geo.num_tiles
-    grid = (triton.cdiv(n_tiles, COARSE_BLOCK_M), table.pairs.shape[0], b)
+    grid = (_cdiv(n_tiles, COARSE_BLOCK_M), table.pairs.shape[0], b)
     _coarse_kernel[grid](
         q, k, table.pair_i, table.pair_j, windows,
         q.stride(0), q.stride(1), q.stride(2),
@@ -81,7 +91,7 @@ def launch_coarse(
         n_tiles, geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], seq,
         geo.window[0] // 2, geo.window[1] // 2, geo.max_origin[0], geo.max_origin[1],
         temperature / math.sqrt(dim) * LOG2E,
-        HEAD_DIM=dim, D_PAD=triton.next_power_of_2(dim), BLOCK_M=COARSE_BLOCK_M, BLOCK_N=COARSE_BLOCK_N,
+        HEAD_DIM=dim, D_PAD=_next_power_of_2(dim), BLOCK_M=COARSE_BLOCK_M, BLOCK_N=COARSE_BLOCK_N,
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=NUM_WARPS, num_stages=_num_stages(q.device),
     )
@@ -94,7 +104,7 @@ def launch_fine_forward(
     """Fill ``flow`` (B, P, S, 2) fp32 and ``lse`` (B, P, S) fp32 (base 2). q, k: (B, F, S, D) contiguous."""
     b, _, _, dim = q.shape
     group, block_q, n_groups_x, n_groups = _tile_groups(geo, FWD_TILE_GROUP)
-    d_pad = triton.next_power_of_2(dim)
+    d_pad = _next_power_of_2(dim)
     num_warps, query_major = fine_launch(block_q, d_pad, backward=False)
     grid = (n_groups, table.pairs.shape[0], b)
     _fine_fwd_kernel[grid](
@@ -119,7 +129,7 @@ def launch_fine_backward(
     b, f, _, dim = q.shape
     grad_flow = grad_flow.float().contiguous()
     group, block_q, n_groups_x, n_groups = _tile_groups(geo, BWD_TILE_GROUP)
-    d_pad = triton.next_power_of_2(dim)
+    d_pad = _next_power_of_2(dim)
     num_warps, query_major = fine_launch(block_q, d_pad, backward=True)
     grid = (n_groups, f, b)
     _fine_bwd_kernel[grid](
@@ -141,18 +151,11 @@ def _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w) -> FlowGeome
     return FlowGeometry((frame_h, frame_w), (tile_h, tile_w), (window_h, window_w))
 
 
-@torch.library.custom_op("fastvmt::motion_flow_fwd", mutates_args=())
-def motion_flow_fwd(
+def _forward(
     q: Tensor, k: Tensor, given_windows: Optional[Tensor], span: int,
     frame_h: int, frame_w: int, tile_h: int, tile_w: int, window_h: int, window_w: int, temperature: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(flow (B, P, S, 2) fp32, windows (B, P, n_tiles, 2) int64, lse (B, P, S) fp32) for contiguous q, k.
-
-    Pairs: ``make_pairs(F, span)``. ``given_windows`` (B, P, n_tiles, 2) int64 replaces the coarse pass (returned
-    as a copy); None runs it. Given origins must lie in ``[0, frame - window side]`` per axis
-    (:func:`fastvmt_kernels.motion_flow` validates them; checking here would synchronise the host); the kernels
-    clamp any others into that range, so no window ever reads or writes outside its frame.
-    """
+    """Body of :func:`motion_flow_fwd` (shared with the eager autograd path)."""
     geo = _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w)
     b, f, seq, _ = q.shape
     table = pair_table(f, span, q.device)
@@ -168,6 +171,21 @@ def motion_flow_fwd(
     return flow, windows, lse
 
 
+@torch.library.custom_op("fastvmt::motion_flow_fwd", mutates_args=())
+def motion_flow_fwd(
+    q: Tensor, k: Tensor, given_windows: Optional[Tensor], span: int,
+    frame_h: int, frame_w: int, tile_h: int, tile_w: int, window_h: int, window_w: int, temperature: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(flow (B, P, S, 2) fp32, windows (B, P, n_tiles, 2) int64, lse (B, P, S) fp32) for contiguous q, k.
+
+    Pairs: ``make_pairs(F, span)``. ``given_windows`` (B, P, n_tiles, 2) int64 replaces the coarse pass (returned
+    as a copy); None runs it. Given origins must lie in ``[0, frame - window side]`` per axis
+    (:func:`fastvmt_kernels.motion_flow` validates them; checking here would synchronise the host); the kernels
+    clamp any others into that range, so no window ever reads or writes outside its frame.
+    """
+    return _forward(q, k, given_windows, span, frame_h, frame_w, tile_h, tile_w, window_h, window_w, temperature)
+
+
 @motion_flow_fwd.register_fake
 def _motion_flow_fwd_fake(q, k, given_windows, span, frame_h, frame_w, tile_h, tile_w, window_h, window_w, temperature):
     geo = _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w)
@@ -180,18 +198,28 @@ def _motion_flow_fwd_fake(q, k, given_windows, span, frame_h, frame_w, tile_h, t
     )
 
 
-@torch.library.custom_op("fastvmt::motion_flow_bwd", mutates_args=())
-def motion_flow_bwd(
+def _backward_kernels(
     grad_flow: Tensor, q: Tensor, k: Tensor, windows: Tensor, flow: Tensor, lse: Tensor, span: int,
     frame_h: int, frame_w: int, tile_h: int, tile_w: int, window_h: int, window_w: int, temperature: float,
 ) -> Tuple[Tensor, Tensor]:
-    """(dq, dk) in q's dtype, (B, F, S, D), for the fine pass (window origins are constants)."""
+    """Body of :func:`motion_flow_bwd` (shared with the eager autograd path)."""
     geo = _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w)
     dq = torch.empty_like(q)
     dk_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     table = pair_table(q.shape[1], span, q.device)
     launch_fine_backward(grad_flow, q, k, table, windows, flow, lse, geo, temperature, dq, dk_acc)
     return dq, dk_acc.to(k.dtype)
+
+
+@torch.library.custom_op("fastvmt::motion_flow_bwd", mutates_args=())
+def motion_flow_bwd(
+    grad_flow: Tensor, q: Tensor, k: Tensor, windows: Tensor, flow: Tensor, lse: Tensor, span: int,
+    frame_h: int, frame_w: int, tile_h: int, tile_w: int, window_h: int, window_w: int, temperature: float,
+) -> Tuple[Tensor, Tensor]:
+    """(dq, dk) in q's dtype, (B, F, S, D), for the fine pass (window origins are constants)."""
+    return _backward_kernels(
+        grad_flow, q, k, windows, flow, lse, span, frame_h, frame_w, tile_h, tile_w, window_h, window_w, temperature
+    )
 
 
 @motion_flow_bwd.register_fake
@@ -215,6 +243,29 @@ def _backward(ctx, grad_flow, grad_windows, grad_lse):
 motion_flow_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerMotionFlow(torch.autograd.Function):
+    """The custom ops' forward and backward as a plain autograd function, for eager calls: the same kernels and
+    launches without torch.library's dispatch layers, which took about half the host time of an eager step
+    (benchmarks/bench_motion_flow_host.py). torch.compile traces the custom ops instead (:func:`motion_flow_triton`).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, given_windows, span, *geometry_and_temperature):
+        flow, windows, lse = _forward(q, k, given_windows, span, *geometry_and_temperature)
+        ctx.save_for_backward(q, k, windows, flow, lse)
+        ctx.mark_non_differentiable(windows, lse)
+        ctx.arguments = (span, *geometry_and_temperature)
+        return flow, windows, lse
+
+    @staticmethod
+    def backward(ctx, grad_flow, grad_windows, grad_lse):
+        q, k, windows, flow, lse = ctx.saved_tensors
+        if grad_flow is None:
+            grad_flow = torch.zeros_like(flow)
+        dq, dk = _backward_kernels(grad_flow, q, k, windows, flow, lse, *ctx.arguments)
+        return (dq, dk, None) + (None,) * len(ctx.arguments)
+
+
 def motion_flow_triton(
     q: Tensor, k: Tensor, geo: FlowGeometry, span: int, temperature: float, windows: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -223,7 +274,9 @@ def motion_flow_triton(
 
     windows: optional (B, P, n_tiles, 2) int64 origins to use instead of the coarse pass.
     """
-    flow, windows, _ = motion_flow_fwd(
-        q.contiguous(), k.contiguous(), windows, int(span), *geo.frame, *geo.tile, *geo.window, float(temperature)
-    )
+    args = (q.contiguous(), k.contiguous(), windows, int(span), *geo.frame, *geo.tile, *geo.window, float(temperature))
+    if torch.compiler.is_compiling():
+        flow, windows, _ = motion_flow_fwd(*args)
+    else:
+        flow, windows, _ = _EagerMotionFlow.apply(*args)
     return flow, make_pairs(q.shape[1], span, q.device), windows
