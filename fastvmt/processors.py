@@ -39,6 +39,8 @@ WAN_FAMILY = {
     "WanTransformer3DModel": (),
     "WanVACETransformer3DModel": (("vace_blocks", "vace_layers"),),
     "ChronoEditTransformer3DModel": (),
+    # SkyReels-V2: calls with its diffusion-forcing block-causal mask run the stock dense path (LocalAttnProcessor).
+    "SkyReelsV2Transformer3DModel": (),
 }
 # Other transformers: class name -> the module that defines their local processor (PROCESSOR), its processor keys
 # (processor_keys(transformer, blocks)) and the token grid of a call (read_grid(transformer, args, kwargs)).
@@ -300,8 +302,9 @@ def apply_local_attention(
 
     Args:
         transformer: a diffusers ``WanTransformer3DModel`` (Wan2.1 / 2.2), ``WanVACETransformer3DModel`` (its
-            control blocks are patched with the main block each feeds) or ``ChronoEditTransformer3DModel``
-            (cross-attention untouched), or a ``CogVideoXTransformer3DModel`` /
+            control blocks are patched with the main block each feeds), ``ChronoEditTransformer3DModel`` or
+            ``SkyReelsV2Transformer3DModel`` (cross-attention untouched; masked calls stay dense), or a
+            ``CogVideoXTransformer3DModel`` /
             ``HunyuanVideoTransformer3DModel`` (their joint text + video attention then runs
             :func:`fastvmt_kernels.joint_local_attention`; see :mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`),
             or an ``LTXVideoTransformer3DModel`` (self-attention, :mod:`fastvmt.ltx_video`). Others raise ValueError.

@@ -46,6 +46,16 @@ def _chronoedit():
     return model
 
 
+def _skyreels(frames_per_block: int = 1):
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(0)
+    model = SkyReelsV2Transformer3DModel(**transformer_config(in_channels=4, num_layers=NUM_LAYERS)).eval()
+    model.register_to_config(num_frame_per_block=frames_per_block)
+    _sharpen(model.blocks)
+    return model
+
+
 def _inputs(model, frames=3, height=10, width=12):
     """Ragged token grid (frames, 5, 6) with patch (1, 2, 2); control states for Wan-VACE."""
     torch.manual_seed(1)
@@ -56,7 +66,7 @@ def _inputs(model, frames=3, height=10, width=12):
     return kwargs
 
 
-@pytest.mark.parametrize("build", [_vace, _chronoedit], ids=["wan-vace", "chronoedit"])
+@pytest.mark.parametrize("build", [_vace, _chronoedit, _skyreels], ids=["wan-vace", "chronoedit", "skyreels-v2"])
 def test_covering_window_equals_stock_and_small_window_differs(build):
     model = build()
     inputs = _inputs(model)
@@ -91,6 +101,18 @@ def test_vace_control_blocks_run_local_attention():
                                   for key, proc in model.attn_processors.items()})
         control_only = model(**inputs)[0]
     assert (control_only - stock).abs().max() > 1e-4
+
+
+def test_skyreels_diffusion_forcing_causal_mask_keeps_the_stock_dense_path():
+    """With frames per block > 1 SkyReels-V2 passes a block-causal mask to its self-attention: the local processor
+    leaves such calls to the stock (masked, dense) path, so even a 1-tile window changes nothing."""
+    model = _skyreels(frames_per_block=3)
+    inputs = _inputs(model, frames=6)
+    with torch.no_grad():
+        stock = model(**inputs)[0]
+        apply_local_attention(model, tile=(1, 2, 2), window=(1, 1, 1), backend="torch")
+        local = model(**inputs)[0]
+    assert torch.equal(local, stock)
 
 
 def test_unknown_transformer_is_refused_with_the_supported_list():
