@@ -307,3 +307,22 @@ def test_reference_windows_are_shared_with_the_generated_video(pipe, reference, 
     own = run(pipe, reference, config.replace(window_source="own"), num_videos_per_prompt=2).frames
     assert all(given is None for is_ref, given, _ in calls if not is_ref)
     assert np.abs(own - shared).max() > 1e-4
+
+
+def test_unipc_scheduler_as_the_wan_repositories_ship_it_runs_guided_transfer(reference):
+    """The Wan Diffusers repositories ship UniPCMultistepScheduler (flow sigmas); guidance edits the latent between
+    its multistep updates, from noise and from the noised reference."""
+    from diffusers import UniPCMultistepScheduler
+
+    from _wan_tiny import build_components
+
+    components = build_components(vae=False, num_layers=NUM_LAYERS)
+    components["scheduler"] = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
+    pipeline = FastVMTPipeline(**components)
+    pipeline.set_progress_bar_config(disable=True)
+    for init in ("noise", "reference"):
+        out = run(pipeline, reference, small_config(init_latent=init), num_inference_steps=4)
+        assert out.frames.shape == (1, FRAMES, SIZE, SIZE, 3) and np.isfinite(out.frames).all()
+        assert pipeline.guidance_state.gradient_passes == 4 * 2

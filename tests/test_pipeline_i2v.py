@@ -148,3 +148,22 @@ def test_two_expert_image_to_video_runs_each_expert_with_the_condition(image, re
     assert out.frames.shape == (1, FRAMES, HEIGHT, WIDTH, 3)
     expected = {pipeline.transformer.config.in_channels}
     assert channels == {"high": expected, "low": expected}, channels
+
+
+def test_plain_image_to_video_matches_wan_image_to_video_pipeline(pipe, image):
+    """Without a reference video the pipeline is diffusers' WanImageToVideoPipeline (same components and seed).
+    Prompt embeddings are passed in: diffusers' image-to-video prompt cleaning needs ftfy, which is not installed."""
+    from diffusers import WanImageToVideoPipeline
+
+    components = {name: getattr(pipe, name) for name in
+                  ("tokenizer", "text_encoder", "vae", "scheduler", "image_processor", "image_encoder", "transformer")}
+    wan = WanImageToVideoPipeline(**components)
+    wan.set_progress_bar_config(disable=True)
+    positive, negative = pipe.encode_prompt("a red circle", "a dog", max_sequence_length=MAX_SEQUENCE_LENGTH,
+                                            device=torch.device("cpu"))
+    args = dict(prompt_embeds=positive, negative_prompt_embeds=negative, height=HEIGHT, width=WIDTH,
+                num_frames=FRAMES, num_inference_steps=3, guidance_scale=3.0, output_type="latent")
+    picture = load_image(image)
+    want = wan(image=picture, generator=torch.Generator().manual_seed(0), **args).frames
+    got = pipe(picture, generator=torch.Generator().manual_seed(0), **args).frames
+    assert_rel_close(got, want, 1e-5, "FastVMTImageToVideoPipeline vs WanImageToVideoPipeline latents")
