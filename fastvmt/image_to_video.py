@@ -3,13 +3,16 @@
 The Wan image-to-video models (Wan2.1 I2V 14B with a CLIP image encoder, Wan2.2 I2V A14B without one) denoise a latent
 concatenated on channels with an image condition: a first-frame mask (4 channels) and the VAE latents of the image
 followed by black frames (``WanImageToVideoPipeline.prepare_latents``), plus, for Wan2.1, the image encoder's
-embeddings as extra cross-attention context. This pipeline builds both exactly as diffusers does and otherwise runs
+embeddings as extra cross-attention context. Wan2.2 TI2V-5B (``expand_timesteps``) instead replaces the first latent
+frame by the image's latents and gives its tokens timestep 0. This pipeline builds all of it as diffusers does and
+otherwise runs
 :class:`fastvmt.FastVMTPipeline`'s motion transfer: the generated video's passes are conditioned on the user's image,
 the reference video's passes on the reference's own first frame (so the reference is what the model would generate
 from that frame, and its motion flow is read under the same kind of conditioning).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -53,13 +56,30 @@ def load_image(image) -> PIL.Image.Image:
     )
 
 
+@dataclass
+class ImageCondition:
+    """What a pass of one video carries about its image.
+
+    Attributes:
+        latents: Wan2.1 / 2.2 I2V: (B, 4 + C, F', H', W') first-frame mask and image latents, concatenated to the
+            noisy latent on channels; TI2V-5B: (B, C, 1, H', W') the image's latents, which replace the first frame.
+        embeds: (B, T_img, image_dim) image-encoder embeddings for the cross-attention (Wan2.1 I2V), or None.
+        first_frame_mask: TI2V-5B only: (1, 1, F', H', W'), 0 on the first latent frame (clean, timestep 0), 1 elsewhere.
+    """
+
+    latents: torch.Tensor
+    embeds: Optional[torch.Tensor] = None
+    first_frame_mask: Optional[torch.Tensor] = None
+
+
 class FastVMTImageToVideoPipeline(FastVMTPipeline):
     """Wan image-to-video with motion transfer from a reference video.
 
     Components as ``WanImageToVideoPipeline``: ``tokenizer``, ``text_encoder``, ``vae`` (required), ``scheduler``,
-    ``transformer`` (input channels = 2 x latent channels + 4), optionally ``image_encoder`` / ``image_processor``
-    (Wan2.1 I2V's CLIP) and ``transformer_2`` / ``boundary_ratio`` (Wan2.2 I2V A14B). Called like
-    :class:`fastvmt.FastVMTPipeline` with the ``image`` to animate first.
+    ``transformer`` (input channels = 2 x latent channels + 4; TI2V-5B: the latent channels), optionally
+    ``image_encoder`` / ``image_processor`` (Wan2.1 I2V's CLIP), ``transformer_2`` / ``boundary_ratio`` (Wan2.2 I2V
+    A14B) and ``expand_timesteps`` (TI2V-5B). Called like :class:`fastvmt.FastVMTPipeline` with the ``image`` to
+    animate first.
     """
 
     _optional_components = FastVMTPipeline._optional_components + ["image_encoder", "image_processor"]
@@ -79,11 +99,6 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
     ):
         if vae is None:
             raise ValueError("image-to-video needs the Wan VAE: the image condition is made of VAE latents")
-        if expand_timesteps:
-            raise ValueError(
-                "Wan2.2 TI2V-5B's image-to-video (clean first-frame tokens, per-token timesteps) is not supported; "
-                "load it with fastvmt.FastVMTPipeline for text-to-video"
-            )
         if (image_encoder is None) != (image_processor is None):
             raise ValueError("image_encoder and image_processor come together (Wan2.1 I2V's CLIP) or not at all")
         super().__init__(
@@ -92,7 +107,7 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
         )
         self.register_modules(image_encoder=image_encoder, image_processor=image_processor)
         self._image: Optional[PIL.Image.Image] = None
-        self._conditions: Optional[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None
+        self._conditions: Optional[Dict[str, ImageCondition]] = None
 
     # ------------------------------------------------------------------ conditioning
     def latent_channels(self) -> int:
@@ -101,19 +116,22 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
 
     def image_condition(
         self, image: PIL.Image.Image, batch: int, height: int, width: int, num_frames: int, device
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(condition (B, 4 + z_dim, F', H', W') float32, image embeddings (B, T_img, image_dim) or None) for
-        ``image``, resized to ``height x width``, exactly as ``WanImageToVideoPipeline`` builds them."""
+    ) -> ImageCondition:
+        """The :class:`ImageCondition` of ``image``, resized to ``height x width``, exactly as
+        ``WanImageToVideoPipeline`` builds it (float32)."""
         pixels = self.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
         shape = (batch, self.latent_channels(), *self.latent_geometry(num_frames, height, width))
         placeholder = torch.zeros(shape, device=device, dtype=torch.float32)  # only the condition is used
-        _, condition = WanImageToVideoPipeline.prepare_latents(
+        prepared = WanImageToVideoPipeline.prepare_latents(
             self, pixels, batch, shape[1], height, width, num_frames, torch.float32, device, None, placeholder
         )
+        first_frame_mask = prepared[2] if self.config.expand_timesteps else None
         embeds = None
-        if self.image_encoder is not None:
+        if self.transformer.config.image_dim is not None:  # only Wan2.1 I2V reads image embeddings (diffusers' rule)
+            if self.image_encoder is None:
+                raise ValueError("this transformer reads image embeddings (image_dim is set) but no image_encoder")
             embeds = WanImageToVideoPipeline.encode_image(self, image, device).repeat(batch, 1, 1)
-        return condition, embeds
+        return ImageCondition(prepared[1], embeds, first_frame_mask)
 
     def prepare_conditioning(
         self, reference: Optional[torch.Tensor], batch: int, height: int, width: int, num_frames: int, device
@@ -128,15 +146,40 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
             conditions["reference"] = self.image_condition(first, batch, height, width, num_frames, device)
         self._conditions = conditions
 
-    def model_input(self, latents: torch.Tensor, role: str) -> Tuple[torch.Tensor, Dict[str, Any]]:
-        """[latents, condition of ``role``] on channels, and the image embeddings as ``encoder_hidden_states_image``
-        when the model has an image encoder."""
+    def _condition(self, role: str) -> ImageCondition:
         if self._conditions is None or role not in self._conditions:
-            raise RuntimeError(f"no {role} image condition prepared: model_input runs inside __call__")
-        condition, embeds = self._conditions[role]
-        hidden = torch.cat([latents, condition.to(latents.dtype)], dim=1)
-        extra = {} if embeds is None else {"encoder_hidden_states_image": embeds.to(latents.dtype)}
-        return hidden, extra
+            raise RuntimeError(f"no {role} image condition prepared: the model is called inside __call__ only")
+        return self._conditions[role]
+
+    def model_input(self, latents: torch.Tensor, role: str) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Wan2.1 / 2.2 I2V: [latents, condition of ``role``] on channels, plus the image embeddings as
+        ``encoder_hidden_states_image`` where the model reads them; TI2V-5B: the latents with their first frame
+        replaced by the image's latents."""
+        condition = self._condition(role)
+        if condition.first_frame_mask is not None:
+            mask = condition.first_frame_mask.to(latents.dtype)
+            return (1 - mask) * condition.latents.to(latents.dtype) + mask * latents, {}
+        hidden = torch.cat([latents, condition.latents.to(latents.dtype)], dim=1)
+        embeds = condition.embeds
+        return hidden, ({} if embeds is None else {"encoder_hidden_states_image": embeds.to(latents.dtype)})
+
+    def model_timestep(self, timestep: torch.Tensor, input_shape) -> torch.Tensor:
+        """TI2V-5B: per-token timesteps (B, L), 0 on the clean first frame's tokens (WanImageToVideoPipeline's rule);
+        otherwise the per-video timesteps (B,)."""
+        mask = self._condition("target").first_frame_mask
+        if mask is None:
+            return timestep
+        _, p_h, p_w = self.transformer.config.patch_size
+        tokens = mask[0, 0][:, ::p_h, ::p_w].flatten().to(timestep.dtype)
+        return timestep[:, None] * tokens[None]
+
+    def final_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """TI2V-5B: the first frame is the image's latents (as WanImageToVideoPipeline returns them)."""
+        condition = self._condition("target")
+        if condition.first_frame_mask is None:
+            return latents
+        mask = condition.first_frame_mask.to(latents.dtype)
+        return (1 - mask) * condition.latents.to(latents.dtype) + mask * latents
 
     # ------------------------------------------------------------------ call
     def __call__(self, image=None, prompt=None, reference_video=None, motion_config=None, **kwargs):

@@ -58,15 +58,17 @@ def _run_blocks_manually(
     transformer, latents, timestep, encoder_hidden_states, block, use_checkpoint, encoder_hidden_states_image=None
 ) -> None:
     """Wan's forward preamble, blocks [0, block) (optionally checkpointed), then ``block`` (which stops)."""
-    if timestep.ndim != 1:
-        raise ValueError(f"truncated passes support per-sample timesteps (B,) only (Wan2.1), got {tuple(timestep.shape)}")
+    if timestep.ndim not in (1, 2):
+        raise ValueError(f"timesteps must be (B,) or per token (B, L), got shape {tuple(timestep.shape)}")
     _enter_offload_hook(transformer)
     rotary_emb = transformer.rope(latents)
     hidden = transformer.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+    per_token = timestep.ndim == 2  # Wan2.2 TI2V image-to-video: the clean first frame's tokens at timestep 0
     _, timestep_proj, text, image = transformer.condition_embedder(
-        timestep, encoder_hidden_states, encoder_hidden_states_image, timestep_seq_len=None
+        timestep.flatten() if per_token else timestep, encoder_hidden_states, encoder_hidden_states_image,
+        timestep_seq_len=timestep.shape[1] if per_token else None,
     )
-    timestep_proj = timestep_proj.unflatten(1, (6, -1))
+    timestep_proj = timestep_proj.unflatten(2 if per_token else 1, (6, -1))
     if image is not None:  # image-to-video: the cross-attention context is [image tokens, text tokens]
         text = torch.concat([image, text], dim=1)
     phase = current_phase()
@@ -95,7 +97,7 @@ def truncated_qk(
         transformer: diffusers ``WanTransformer3DModel``.
         latents: (B, C, F, H, W) transformer input (in the transformer's dtype; for image-to-video the noisy latent
             and the image condition concatenated on channels, as ``WanImageToVideoPipeline`` feeds it).
-        timestep: (B,) timesteps.
+        timestep: (B,) timesteps, or (B, L) per token (Wan2.2 TI2V image-to-video).
         encoder_hidden_states: (B, T, text_dim) prompt embeddings.
         encoder_hidden_states_image: (B, T_img, image_dim) image-encoder embeddings (Wan2.1 I2V), or None.
         block: motion block index.

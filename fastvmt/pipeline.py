@@ -198,6 +198,15 @@ class FastVMTPipeline(WanPipeline):
         themselves, no extra arguments."""
         return latents, {}
 
+    def model_timestep(self, timestep: torch.Tensor, input_shape) -> torch.Tensor:
+        """The transformer's timestep argument for per-video timesteps (B,) and an input of ``input_shape``:
+        unchanged (every token of a video shares its timestep; see ``expand_timesteps`` in ``__init__``)."""
+        return timestep
+
+    def final_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The denoised latents as decoded (text-to-video: unchanged)."""
+        return latents
+
     # ------------------------------------------------------------------ validation
     def check_inputs(
         self,
@@ -259,7 +268,7 @@ class FastVMTPipeline(WanPipeline):
         q, k = truncated_qk(
             transformer,
             hidden,
-            timestep,
+            self.model_timestep(timestep, hidden.shape),
             prompt_embeds,
             config.motion_block,
             gradient_checkpointing=self.use_gradient_checkpointing(hidden, config),
@@ -348,7 +357,7 @@ class FastVMTPipeline(WanPipeline):
         # CFG runs when guidance_scale > 1 (WanPipeline's rule); the low-noise expert mixes with guidance_scale_2.
         scale = guidance_scale_2 if model is not self.transformer and guidance_scale_2 is not None else guidance_scale
         model_input, extra = self.model_input(latents.to(model.dtype), "target")
-        timestep = t.expand(latents.shape[0])
+        timestep = self.model_timestep(t.expand(latents.shape[0]), model_input.shape)
         sigma = float(t) / self.scheduler.config.num_train_timesteps  # flow matching: timestep = 1000 * sigma
         cache = {"step_index": step_index, "sigma": sigma, "num_inference_steps": self._num_timesteps}
 
@@ -570,7 +579,7 @@ class FastVMTPipeline(WanPipeline):
                 progress_bar.update()
         self._current_timestep = None
 
-        video = self.decode_latents_to_video(latents, output_type)
+        video = self.decode_latents_to_video(self.final_latents(latents), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (video,)

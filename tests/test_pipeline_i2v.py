@@ -3,7 +3,7 @@ without one as Wan2.2 I2V), CPU, torch backends."""
 import pytest
 import torch
 from _utils import assert_rel_close
-from _wan_tiny import MAX_SEQUENCE_LENGTH, i2v_components, moving_square_video, single_thread
+from _wan_tiny import MAX_SEQUENCE_LENGTH, i2v_components, moving_square_video, single_thread, ti2v_components
 
 from fastvmt import FastVMTImageToVideoPipeline, MotionTransferConfig
 from fastvmt.image_to_video import load_image
@@ -69,7 +69,7 @@ def test_generated_passes_see_the_image_and_reference_passes_its_first_frame(pip
     target = pipe.image_condition(load_image(image), batch, HEIGHT, WIDTH, FRAMES, torch.device("cpu"))
     first = prepare_reference(reference, FRAMES, HEIGHT, WIDTH)[0].permute(1, 2, 0)
     ref = pipe.image_condition(load_image(first), batch, HEIGHT, WIDTH, FRAMES, torch.device("cpu"))
-    assert not torch.equal(target[0], ref[0])
+    assert not torch.equal(target.latents, ref.latents)
     latent = pipe.vae.config.z_dim
     calls = []
 
@@ -84,7 +84,7 @@ def test_generated_passes_see_the_image_and_reference_passes_its_first_frame(pip
         handle.remove()
 
     def matches(call, expected):
-        condition, embeds = expected
+        condition, embeds = expected.latents, expected.embeds
         same = torch.equal(call[1], condition)
         if embeds is None:
             return same and call[2] is None
@@ -119,8 +119,6 @@ def test_bad_inputs_raise(pipe, reference):
         pipe(None, prompt="a cat", reference_video=reference)
     with pytest.raises(ValueError, match="needs the Wan VAE"):
         FastVMTImageToVideoPipeline(**dict(components, vae=None))
-    with pytest.raises(ValueError, match="TI2V-5B's image-to-video"):
-        FastVMTImageToVideoPipeline(**dict(components, expand_timesteps=True))
     with pytest.raises(ValueError, match="does not exist"):
         load_image("/no/such/image.png")
     with pytest.raises(ValueError, match=r"\(H, W, 3\) or \(3, H, W\)"):
@@ -167,3 +165,50 @@ def test_plain_image_to_video_matches_wan_image_to_video_pipeline(pipe, image):
     want = wan(image=picture, generator=torch.Generator().manual_seed(0), **args).frames
     got = pipe(picture, generator=torch.Generator().manual_seed(0), **args).frames
     assert_rel_close(got, want, 1e-5, "FastVMTImageToVideoPipeline vs WanImageToVideoPipeline latents")
+
+
+TI2V_HEIGHT, TI2V_WIDTH = 64, 96  # the 16x VAE: latents 4 x 6, 2 x 3 tokens per frame
+
+
+@pytest.fixture(scope="module")
+def ti2v_pipe():
+    pipeline = FastVMTImageToVideoPipeline(**ti2v_components())
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_ti2v_plain_image_to_video_matches_wan_image_to_video_pipeline(ti2v_pipe):
+    """TI2V-5B's image mode (first latent frame replaced by the image's latents, its tokens at timestep 0) gives
+    WanImageToVideoPipeline's latents for the same seed."""
+    from diffusers import WanImageToVideoPipeline
+
+    components = {name: getattr(ti2v_pipe, name) for name in ("tokenizer", "text_encoder", "vae", "scheduler",
+                                                               "transformer")}
+    wan = WanImageToVideoPipeline(**components, expand_timesteps=True)
+    wan.set_progress_bar_config(disable=True)
+    positive, negative = ti2v_pipe.encode_prompt("a red circle", "a dog", max_sequence_length=MAX_SEQUENCE_LENGTH,
+                                                 device=torch.device("cpu"))
+    torch.manual_seed(5)
+    picture = load_image(torch.rand(TI2V_HEIGHT, TI2V_WIDTH, 3))
+    args = dict(prompt_embeds=positive, negative_prompt_embeds=negative, height=TI2V_HEIGHT, width=TI2V_WIDTH,
+                num_frames=FRAMES, num_inference_steps=3, guidance_scale=3.0, output_type="latent")
+    want = wan(image=picture, generator=torch.Generator().manual_seed(0), **args).frames
+    got = ti2v_pipe(picture, generator=torch.Generator().manual_seed(0), **args).frames
+    assert_rel_close(got, want, 1e-5, "TI2V: FastVMTImageToVideoPipeline vs WanImageToVideoPipeline latents")
+
+
+def test_ti2v_guided_transfer_keeps_the_image_as_first_frame(ti2v_pipe):
+    """Guidance runs through per-token timesteps on both routes; the returned first latent frame is the image's."""
+    torch.manual_seed(5)
+    picture = load_image(torch.rand(TI2V_HEIGHT, TI2V_WIDTH, 3))
+    reference = moving_square_video(FRAMES + 3, TI2V_HEIGHT, TI2V_WIDTH, step=4)
+    for checkpointing in (False, True):
+        config = MotionTransferConfig(motion_block=MOTION_BLOCK, guided_steps=1, tile=(1, 2), window=3,
+                                      kernel_backend="torch", gradient_checkpointing=checkpointing)
+        latents = ti2v_pipe(picture, prompt="a red circle", reference_video=reference, motion_config=config,
+                            height=TI2V_HEIGHT, width=TI2V_WIDTH, num_frames=FRAMES, num_inference_steps=2,
+                            max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="latent",
+                            generator=torch.Generator().manual_seed(0)).frames
+        assert ti2v_pipe.guidance_state.gradient_passes == 4
+        condition = ti2v_pipe.image_condition(picture, 1, TI2V_HEIGHT, TI2V_WIDTH, FRAMES, torch.device("cpu"))
+        assert torch.equal(latents[:, :, :1], condition.latents)
