@@ -109,6 +109,18 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
         self._image: Optional[PIL.Image.Image] = None
         self._conditions: Optional[Dict[str, ImageCondition]] = None
 
+    def _check_input_channels(self) -> None:
+        """The transformer reads [latent, mask (4), image latents] (2 x z_dim + 4 channels), or for TI2V-5B the latent
+        with the image as first frame (z_dim channels)."""
+        z_dim = self.vae.config.z_dim
+        expected = z_dim if self.config.expand_timesteps else 2 * z_dim + 4
+        if self.transformer is not None and self.transformer.config.in_channels != expected:
+            raise ValueError(
+                f"an image-to-video transformer takes {expected} input channels with this VAE (latent {z_dim}"
+                f"{'' if self.config.expand_timesteps else ' + mask 4 + image ' + str(z_dim)}), this one "
+                f"{self.transformer.config.in_channels}: a text-to-video model? Load it with fastvmt.FastVMTPipeline"
+            )
+
     # ------------------------------------------------------------------ conditioning
     def latent_channels(self) -> int:
         """Channels of the latent being denoised: the VAE's (the transformer also reads the condition's)."""

@@ -94,7 +94,21 @@ class FastVMTPipeline(WanPipeline):
             self.vae_scale_factor_temporal = 1
             self.vae_scale_factor_spatial = 1
             self.video_processor.config.vae_scale_factor = 1
+        self._check_input_channels()
         self.guidance_state: Optional[GuidanceState] = None
+
+    def _check_input_channels(self) -> None:
+        """A text-to-video transformer reads the latent alone: its input channels are the VAE's latent channels (an
+        image-to-video model's also hold the image condition)."""
+        vae = getattr(self, "vae", None)
+        if vae is None or self.transformer is None:
+            return
+        if self.transformer.config.in_channels != vae.config.z_dim:
+            raise ValueError(
+                f"the transformer takes {self.transformer.config.in_channels} input channels but the VAE's latents have "
+                f"{vae.config.z_dim}: an image-to-video model? Load it with fastvmt.FastVMTImageToVideoPipeline "
+                "(CLI: --image)"
+            )
 
     # ------------------------------------------------------------------ experts (Wan2.2 A14B: two transformers)
     def expert(self, t) -> torch.nn.Module:

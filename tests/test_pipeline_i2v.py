@@ -119,6 +119,14 @@ def test_bad_inputs_raise(pipe, reference):
         pipe(None, prompt="a cat", reference_video=reference)
     with pytest.raises(ValueError, match="needs the Wan VAE"):
         FastVMTImageToVideoPipeline(**dict(components, vae=None))
+    with pytest.raises(ValueError, match="an image-to-video model\\? Load it with fastvmt.FastVMTImageToVideoPipeline"):
+        from fastvmt import FastVMTPipeline
+
+        FastVMTPipeline(**{k: v for k, v in components.items() if k not in ("image_encoder", "image_processor")})
+    from _wan_tiny import build_components
+
+    with pytest.raises(ValueError, match="takes 36 input channels .* this one 16: a text-to-video model"):
+        FastVMTImageToVideoPipeline(**build_components(vae=True))
     with pytest.raises(ValueError, match="does not exist"):
         load_image("/no/such/image.png")
     with pytest.raises(ValueError, match=r"\(H, W, 3\) or \(3, H, W\)"):
