@@ -140,7 +140,11 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = _resolve_device_dtype(args)
     start = time.perf_counter()
     pipeline_class = FastVMTPipeline if image is None else FastVMTImageToVideoPipeline
-    pipe = pipeline_class.from_pretrained(args.model, dtype=dtype)  # diffusers 0.42 name (torch_dtype is deprecated)
+    try:
+        pipe = pipeline_class.from_pretrained(args.model, dtype=dtype)  # diffusers 0.42 name (torch_dtype deprecated)
+    except ValueError as exc:  # e.g. a text-to-video model given --image, or an image-to-video one without it
+        print(f"fastvmt transfer: error: {exc}", file=sys.stderr)
+        return 2
     if pipe.vae is not None:
         pipe.vae.to(torch.float32)  # the Wan VAE is numerically fragile in half precision
     pipe.to(device)
