@@ -3,8 +3,8 @@
 ``fastvmt::motion_flow_fwd(q, k, given_windows, span, <geometry>, temperature) -> (flow, windows, lse)`` and
 ``fastvmt::motion_flow_bwd(grad_flow, q, k, windows, flow, lse, span, <geometry>, temperature) -> (dq, dk)``; the
 forward registers the backward through ``register_autograd`` so the op is differentiable and traceable by
-torch.compile. Eager calls run the same bodies through a plain ``torch.autograd.Function`` (about half the host time
-of a step; torch.compile still traces the custom ops). The pairs are ``make_pairs(F, span)``, read by the kernels from the :class:`PairTable` cached per
+torch.compile. Eager calls run the same bodies through a plain ``torch.autograd.Function`` (~40% less host time per
+step; torch.compile still traces the custom ops). The pairs are ``make_pairs(F, span)``, read by the kernels from the :class:`PairTable` cached per
 device, so a step queues its kernels without any host synchronisation. The launchers take preallocated outputs so
 tests can poison them.
 """
@@ -245,8 +245,9 @@ motion_flow_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerMotionFlow(torch.autograd.Function):
     """The custom ops' forward and backward as a plain autograd function, for eager calls: the same kernels and
-    launches without torch.library's dispatch layers, which took about half the host time of an eager step
-    (benchmarks/bench_motion_flow_host.py). torch.compile traces the custom ops instead (:func:`motion_flow_triton`).
+    launches without torch.library's dispatch layers (with plain-Python launch grids: ~40% less host time per eager
+    step, benchmarks/results/motion_flow_host_cpu*.md). torch.compile traces the custom ops instead
+    (:func:`motion_flow_triton`).
     """
 
     @staticmethod
