@@ -34,6 +34,18 @@ def transformer_config(in_channels: int, num_layers: int = 3) -> dict:
     )
 
 
+SHARPEN = 4.0  # q / k projection gain: random init leaves attention logits tiny (near-uniform attention and AMF)
+
+
+def sharpen_self_attention(blocks) -> None:
+    """Scale the self-attention (``attn1``) q and k projections of ``blocks`` by SHARPEN, so that attention is
+    peaked enough for local vs dense attention and the motion flow to differ visibly."""
+    with torch.no_grad():
+        for block in blocks:
+            block.attn1.to_q.weight.mul_(SHARPEN)
+            block.attn1.to_k.weight.mul_(SHARPEN)
+
+
 def build_components(vae: bool = True, num_layers: int = 3, seed: int = 0) -> dict:
     """tokenizer, text_encoder, vae (or None), scheduler, transformer with seeded random weights."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
@@ -43,11 +55,7 @@ def build_components(vae: bool = True, num_layers: int = 3, seed: int = 0) -> di
     torch.manual_seed(seed)
     in_channels = 16 if vae else 3
     transformer = WanTransformer3DModel(**transformer_config(in_channels, num_layers))
-    # Random init leaves the attention logits tiny; scale the q/k projections so the AMF is not uniform.
-    with torch.no_grad():
-        for block in transformer.blocks:
-            block.attn1.to_q.weight.mul_(4.0)
-            block.attn1.to_k.weight.mul_(4.0)
+    sharpen_self_attention(transformer.blocks)
     autoencoder = None
     if vae:
         autoencoder = AutoencoderKLWan(
@@ -81,10 +89,7 @@ def ti2v_components(num_layers: int = 3, seed: int = 0) -> dict:
     components = build_components(vae=False, num_layers=num_layers, seed=seed)
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(**transformer_config(TI2V_LATENT_CHANNELS, num_layers))
-    with torch.no_grad():
-        for block in transformer.blocks:
-            block.attn1.to_q.weight.mul_(4.0)
-            block.attn1.to_k.weight.mul_(4.0)
+    sharpen_self_attention(transformer.blocks)
     vae = AutoencoderKLWan(
         base_dim=8, z_dim=TI2V_LATENT_CHANNELS, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True,
         in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, temperal_downsample=[False, True, True],
@@ -112,10 +117,7 @@ def i2v_components(image_encoder: bool = True, two_experts: bool = False, seed: 
     if image_encoder:
         config.update(image_dim=CLIP_DIM, added_kv_proj_dim=config["num_attention_heads"] * config["attention_head_dim"])
     transformer = WanTransformer3DModel(**config)
-    with torch.no_grad():
-        for block in transformer.blocks:
-            block.attn1.to_q.weight.mul_(4.0)
-            block.attn1.to_k.weight.mul_(4.0)
+    sharpen_self_attention(transformer.blocks)
     components = dict(components, transformer=transformer)
     if image_encoder:
         components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(

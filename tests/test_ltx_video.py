@@ -4,7 +4,7 @@ processor cannot serve get clear errors."""
 import pytest
 import torch
 from _utils import REL_TOL, assert_covering_window_is_stock, assert_rel_close
-from _wan_tiny import single_thread
+from _wan_tiny import sharpen_self_attention, single_thread
 
 from fastvmt.ltx_video import LTXVideoLocalAttnProcessor
 from fastvmt.processors import apply_local_attention
@@ -30,10 +30,7 @@ def transformer():
         in_channels=CHANNELS, out_channels=CHANNELS, patch_size=1, patch_size_t=1, num_attention_heads=2,
         attention_head_dim=16, cross_attention_dim=32, num_layers=NUM_LAYERS, caption_channels=CAPTION_CHANNELS,
     ).eval()
-    with torch.no_grad():  # sharper attention than the default init, so local and dense attention differ visibly
-        for block in model.transformer_blocks:
-            block.attn1.to_q.weight.mul_(4.0)
-            block.attn1.to_k.weight.mul_(4.0)
+    sharpen_self_attention(model.transformer_blocks)
     return model
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from _utils import REL_TOL, assert_rel_close
-from _wan_tiny import single_thread, transformer_config
+from _wan_tiny import sharpen_self_attention, single_thread, transformer_config
 
 from fastvmt.motion import truncated_qk
 from fastvmt.processors import (
@@ -30,10 +30,7 @@ def transformer():
 
     torch.manual_seed(0)
     model = WanTransformer3DModel(**transformer_config(in_channels=3, num_layers=NUM_LAYERS)).eval()
-    with torch.no_grad():  # sharper attention than the default init, so local vs dense differ visibly
-        for block in model.blocks:
-            block.attn1.to_q.weight.mul_(4.0)
-            block.attn1.to_k.weight.mul_(4.0)
+    sharpen_self_attention(model.blocks)
     return model
 
 

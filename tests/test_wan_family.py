@@ -3,7 +3,7 @@ blocks, ChronoEdit), and a clear refusal of transformers it does not know."""
 import pytest
 import torch
 from _utils import assert_covering_window_is_stock
-from _wan_tiny import single_thread, transformer_config
+from _wan_tiny import sharpen_self_attention, single_thread, transformer_config
 
 from fastvmt.processors import LocalAttnProcessor, apply_local_attention
 
@@ -18,14 +18,6 @@ def _one_thread():
     yield from single_thread()
 
 
-def _sharpen(blocks):
-    """Sharper attention than the default init, so local and dense attention differ visibly."""
-    with torch.no_grad():
-        for block in blocks:
-            block.attn1.to_q.weight.mul_(4.0)
-            block.attn1.to_k.weight.mul_(4.0)
-
-
 def _vace():
     from diffusers import WanVACETransformer3DModel
 
@@ -33,7 +25,7 @@ def _vace():
     config = dict(transformer_config(in_channels=4, num_layers=NUM_LAYERS), vace_layers=list(VACE_LAYERS),
                   vace_in_channels=CONTROL_CHANNELS)
     model = WanVACETransformer3DModel(**config).eval()
-    _sharpen(list(model.blocks) + list(model.vace_blocks))
+    sharpen_self_attention(list(model.blocks) + list(model.vace_blocks))
     return model
 
 
@@ -42,7 +34,7 @@ def _chronoedit():
 
     torch.manual_seed(0)
     model = ChronoEditTransformer3DModel(**transformer_config(in_channels=4, num_layers=NUM_LAYERS)).eval()
-    _sharpen(model.blocks)
+    sharpen_self_attention(model.blocks)
     return model
 
 
@@ -52,7 +44,7 @@ def _skyreels(frames_per_block: int = 1):
     torch.manual_seed(0)
     model = SkyReelsV2Transformer3DModel(**transformer_config(in_channels=4, num_layers=NUM_LAYERS)).eval()
     model.register_to_config(num_frame_per_block=frames_per_block)
-    _sharpen(model.blocks)
+    sharpen_self_attention(model.blocks)
     return model
 
 
