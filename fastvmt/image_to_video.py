@@ -175,7 +175,7 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
         embeds = condition.embeds
         return hidden, ({} if embeds is None else {"encoder_hidden_states_image": embeds.to(latents.dtype)})
 
-    def model_timestep(self, timestep: torch.Tensor, input_shape) -> torch.Tensor:
+    def model_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
         """TI2V-5B: per-token timesteps (B, L), 0 on the clean first frame's tokens (WanImageToVideoPipeline's rule);
         otherwise the per-video timesteps (B,)."""
         mask = self._condition("target").first_frame_mask

@@ -212,9 +212,9 @@ class FastVMTPipeline(WanPipeline):
         themselves, no extra arguments."""
         return latents, {}
 
-    def model_timestep(self, timestep: torch.Tensor, input_shape) -> torch.Tensor:
-        """The transformer's timestep argument for per-video timesteps (B,) and an input of ``input_shape``:
-        unchanged (every token of a video shares its timestep; see ``expand_timesteps`` in ``__init__``)."""
+    def model_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        """The transformer's timestep argument for per-video timesteps (B,): unchanged (every token of a video shares
+        its timestep; see ``expand_timesteps`` in ``__init__``)."""
         return timestep
 
     def final_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -282,7 +282,7 @@ class FastVMTPipeline(WanPipeline):
         q, k = truncated_qk(
             transformer,
             hidden,
-            self.model_timestep(timestep, hidden.shape),
+            self.model_timestep(timestep),
             prompt_embeds,
             config.motion_block,
             gradient_checkpointing=self.use_gradient_checkpointing(hidden, config),
@@ -371,7 +371,7 @@ class FastVMTPipeline(WanPipeline):
         # CFG runs when guidance_scale > 1 (WanPipeline's rule); the low-noise expert mixes with guidance_scale_2.
         scale = guidance_scale_2 if model is not self.transformer and guidance_scale_2 is not None else guidance_scale
         model_input, extra = self.model_input(latents.to(model.dtype), "target")
-        timestep = self.model_timestep(t.expand(latents.shape[0]), model_input.shape)
+        timestep = self.model_timestep(t.expand(latents.shape[0]))
         sigma = float(t) / self.scheduler.config.num_train_timesteps  # flow matching: timestep = 1000 * sigma
         cache = {"step_index": step_index, "sigma": sigma, "num_inference_steps": self._num_timesteps}
 

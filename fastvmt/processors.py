@@ -8,7 +8,7 @@
   parallelism machinery.
 - :func:`apply_local_attention` installs it on a live transformer; ``phases`` chooses guidance passes, denoising
   passes or both (the pipeline marks passes with :func:`attention_phase`). It patches the Wan family (Wan2.1 / 2.2,
-  Wan-VACE with its control blocks, ChronoEdit); given a CogVideoX, HunyuanVideo or LTX-Video transformer it
+  Wan-VACE with its control blocks, ChronoEdit, SkyReels-V2); given a CogVideoX, HunyuanVideo or LTX-Video one it
   installs that family's processor instead (:mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`,
   :mod:`fastvmt.ltx_video`: each gives its ``PROCESSOR``, ``processor_keys`` and ``read_grid``; the settings
   (:class:`LocalWindowSettings`) and the installation (:func:`install_local_processor`) are shared).
