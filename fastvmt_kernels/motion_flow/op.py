@@ -4,9 +4,9 @@
 ``fastvmt::motion_flow_bwd(grad_flow, q, k, windows, flow, lse, span, <geometry>, temperature) -> (dq, dk)``; the
 forward registers the backward through ``register_autograd`` so the op is differentiable and traceable by
 torch.compile. Eager calls run the same bodies through a plain ``torch.autograd.Function`` (~40% less host time per
-step; torch.compile still traces the custom ops). The pairs are ``make_pairs(F, span)``, read by the kernels from the :class:`PairTable` cached per
-device, so a step queues its kernels without any host synchronisation. The launchers take preallocated outputs so
-tests can poison them.
+step; torch.compile still traces the custom ops). The pairs are ``make_pairs(F, span)``, read by the kernels from
+the :class:`PairTable` cached per device, so a step queues its kernels without any host synchronisation. The
+launchers take preallocated outputs so tests can poison them.
 """
 from __future__ import annotations
 
