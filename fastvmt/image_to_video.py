@@ -107,6 +107,7 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
         )
         self.register_modules(image_encoder=image_encoder, image_processor=image_processor)
         self._image: Optional[PIL.Image.Image] = None
+        self._last_image: Optional[PIL.Image.Image] = None
         self._conditions: Optional[Dict[str, ImageCondition]] = None
 
     def _check_input_channels(self) -> None:
@@ -127,35 +128,54 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
         return self.vae.config.z_dim
 
     def image_condition(
-        self, image: PIL.Image.Image, batch: int, height: int, width: int, num_frames: int, device
+        self, image: PIL.Image.Image, batch: int, height: int, width: int, num_frames: int, device,
+        last_image: Optional[PIL.Image.Image] = None,
     ) -> ImageCondition:
-        """The :class:`ImageCondition` of ``image``, resized to ``height x width``, exactly as
-        ``WanImageToVideoPipeline`` builds it (float32)."""
-        pixels = self.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
+        """The :class:`ImageCondition` of ``image`` (and, for first-last-frame models, ``last_image``), resized to
+        ``height x width``, exactly as ``WanImageToVideoPipeline`` builds it (float32)."""
+        if last_image is not None and self.config.expand_timesteps:
+            raise ValueError("last_image needs a first-last-frame model; TI2V-5B (expand_timesteps) takes one image")
+        two_image_embedder = self.transformer.config.get("pos_embed_seq_len") is not None
+        if last_image is None and two_image_embedder:
+            raise ValueError("this is a first-last-frame model (Wan2.1 FLF2V: it embeds two images): pass last_image")
+        if last_image is not None and self.transformer.config.image_dim is not None and not two_image_embedder:
+            raise ValueError(
+                "this model's image encoder embeds one image; last_image needs a first-last-frame model (Wan2.1 FLF2V) "
+                "or one without an image encoder (Wan2.2 I2V)"
+            )
+
+        def pixels(picture):
+            return self.video_processor.preprocess(picture, height=height, width=width).to(device, torch.float32)
+
         shape = (batch, self.latent_channels(), *self.latent_geometry(num_frames, height, width))
         placeholder = torch.zeros(shape, device=device, dtype=torch.float32)  # only the condition is used
         prepared = WanImageToVideoPipeline.prepare_latents(
-            self, pixels, batch, shape[1], height, width, num_frames, torch.float32, device, None, placeholder
+            self, pixels(image), batch, shape[1], height, width, num_frames, torch.float32, device, None, placeholder,
+            None if last_image is None else pixels(last_image),
         )
         first_frame_mask = prepared[2] if self.config.expand_timesteps else None
         embeds = None
         if self.transformer.config.image_dim is not None:  # only Wan2.1 I2V reads image embeddings (diffusers' rule)
             if self.image_encoder is None:
                 raise ValueError("this transformer reads image embeddings (image_dim is set) but no image_encoder")
-            embeds = WanImageToVideoPipeline.encode_image(self, image, device).repeat(batch, 1, 1)
+            images = image if last_image is None else [image, last_image]
+            embeds = WanImageToVideoPipeline.encode_image(self, images, device).repeat(batch, 1, 1)
         return ImageCondition(prepared[1], embeds, first_frame_mask)
 
     def prepare_conditioning(
         self, reference: Optional[torch.Tensor], batch: int, height: int, width: int, num_frames: int, device
     ) -> None:
-        """The user's image conditions the generated video's passes; the reference's first frame conditions the
-        reference video's."""
+        """The user's image (and last image) condition the generated video's passes; the reference's first (and last)
+        frame condition the reference video's."""
         if self._image is None:
             raise ValueError("FastVMTImageToVideoPipeline needs an image: call pipe(image, prompt=..., ...)")
-        conditions = {"target": self.image_condition(self._image, batch, height, width, num_frames, device)}
+        geometry = (batch, height, width, num_frames, device)
+        conditions = {"target": self.image_condition(self._image, *geometry, last_image=self._last_image)}
         if reference is not None:
-            first = load_image(reference[0].permute(1, 2, 0).float())
-            conditions["reference"] = self.image_condition(first, batch, height, width, num_frames, device)
+            first, last = (load_image(reference[i].permute(1, 2, 0).float()) for i in (0, -1))
+            conditions["reference"] = self.image_condition(
+                first, *geometry, last_image=None if self._last_image is None else last
+            )
         self._conditions = conditions
 
     def _condition(self, role: str) -> ImageCondition:
@@ -194,16 +214,18 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
         return (1 - mask) * condition.latents.to(latents.dtype) + mask * latents
 
     # ------------------------------------------------------------------ call
-    def __call__(self, image=None, prompt=None, reference_video=None, motion_config=None, **kwargs):
+    def __call__(self, image=None, prompt=None, reference_video=None, motion_config=None, last_image=None, **kwargs):
         """Animate ``image`` (a path, PIL image, or (H, W, 3) / (3, H, W) array or tensor in [0, 1], resized to
-        ``height x width`` as ``WanImageToVideoPipeline`` does) for ``prompt``, moving like ``reference_video``.
-        Every other argument and the output are :meth:`fastvmt.FastVMTPipeline.__call__`'s."""
+        ``height x width`` as ``WanImageToVideoPipeline`` does) for ``prompt``, moving like ``reference_video``;
+        ``last_image`` (first-last-frame models such as Wan2.1 FLF2V) also fixes the last frame. Every other argument
+        and the output are :meth:`fastvmt.FastVMTPipeline.__call__`'s."""
         if image is None:
             raise ValueError("FastVMTImageToVideoPipeline needs an image to animate: pipe(image, prompt=..., ...)")
         self._image = load_image(image)
+        self._last_image = None if last_image is None else load_image(last_image)
         try:
             return super().__call__(
                 prompt=prompt, reference_video=reference_video, motion_config=motion_config, **kwargs
             )
         finally:
-            self._image, self._conditions = None, None
+            self._image, self._last_image, self._conditions = None, None, None

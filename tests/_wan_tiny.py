@@ -99,12 +99,14 @@ def ti2v_components(num_layers: int = 3, seed: int = 0) -> dict:
 
 
 CLIP_DIM = 32  # tiny image encoder width
+CLIP_TOKENS = 17  # its hidden states: 1 class token + (32 / 8)^2 patches
 
 
-def i2v_components(image_encoder: bool = True, two_experts: bool = False, seed: int = 0) -> dict:
+def i2v_components(image_encoder: bool = True, two_experts: bool = False, seed: int = 0, flf2v: bool = False) -> dict:
     """Components of a Wan image-to-video pipeline: a transformer reading [latent, mask, image latents] (16 + 4 + 16
     channels) with, if ``image_encoder``, a tiny CLIP vision model whose embeddings feed its cross-attention (Wan2.1
-    I2V), else none (Wan2.2 I2V); ``two_experts`` adds a perturbed ``transformer_2`` (A14B style)."""
+    I2V), else none (Wan2.2 I2V); ``two_experts`` adds a perturbed ``transformer_2`` (A14B style); ``flf2v`` gives the
+    image embedder the positions of two images' tokens (Wan2.1 FLF2V: first and last frame)."""
     import copy
 
     from diffusers import WanTransformer3DModel
@@ -116,6 +118,8 @@ def i2v_components(image_encoder: bool = True, two_experts: bool = False, seed: 
     config = dict(transformer_config(2 * latent + 4), out_channels=latent)
     if image_encoder:
         config.update(image_dim=CLIP_DIM, added_kv_proj_dim=config["num_attention_heads"] * config["attention_head_dim"])
+        if flf2v:
+            config.update(pos_embed_seq_len=2 * CLIP_TOKENS)
     transformer = WanTransformer3DModel(**config)
     sharpen_self_attention(transformer.blocks)
     components = dict(components, transformer=transformer)

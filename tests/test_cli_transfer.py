@@ -126,6 +126,11 @@ def test_image_flag_animates_the_image_with_an_image_to_video_model(reference_pa
     missing = tmp_path / "out" / "never.mp4"
     assert main(_args(str(model_dir), reference_path, missing, "--image", str(tmp_path / "none.png"))) == 2
     assert "does not exist" in capsys.readouterr().err and not missing.exists()
+    assert main(_args(str(model_dir), reference_path, missing, "--last-image", str(image))) == 2
+    assert "--last-image needs --image" in capsys.readouterr().err
+    assert main(_args(str(model_dir), reference_path, missing, "--image", str(image), "--last-image", str(image))) == 2
+    assert "embeds one image; last_image needs a first-last-frame model" in capsys.readouterr().err  # CLIP, not FLF2V
+    assert not missing.exists()
     assert main(_args(str(model_dir), reference_path, missing)) == 2  # an image-to-video model without --image
     assert "Load it with fastvmt.FastVMTImageToVideoPipeline (CLI: --image)" in capsys.readouterr().err
     assert not missing.exists()

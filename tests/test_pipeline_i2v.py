@@ -220,3 +220,38 @@ def test_ti2v_guided_transfer_keeps_the_image_as_first_frame(ti2v_pipe):
         assert ti2v_pipe.guidance_state.gradient_passes == 4
         condition = ti2v_pipe.image_condition(picture, 1, TI2V_HEIGHT, TI2V_WIDTH, FRAMES, torch.device("cpu"))
         assert torch.equal(latents[:, :, :1], condition.latents)
+
+
+
+@pytest.mark.parametrize("clip", [True, False], ids=["flf2v-clip", "no-image-encoder"])
+def test_first_last_frame_matches_wan_image_to_video_pipeline_and_guides(clip, reference):
+    """With a last image (Wan2.1 FLF2V: both images' CLIP tokens; the condition fixes the last frame too) the plain
+    latents equal WanImageToVideoPipeline's, and guided transfer runs with the reference's first and last frames."""
+    from diffusers import WanImageToVideoPipeline
+
+    components = i2v_components(image_encoder=clip, flf2v=clip)
+    ours = FastVMTImageToVideoPipeline(**components)
+    ours.set_progress_bar_config(disable=True)
+    wan = WanImageToVideoPipeline(**{name: value for name, value in components.items()
+                                     if name not in ("transformer_2", "boundary_ratio")})
+    wan.set_progress_bar_config(disable=True)
+    positive, negative = ours.encode_prompt("a red circle", "a dog", max_sequence_length=MAX_SEQUENCE_LENGTH,
+                                            device=torch.device("cpu"))
+    torch.manual_seed(6)
+    first, last = (load_image(torch.rand(HEIGHT, WIDTH, 3)) for _ in range(2))
+    args = dict(prompt_embeds=positive, negative_prompt_embeds=negative, height=HEIGHT, width=WIDTH,
+                num_frames=FRAMES, num_inference_steps=3, guidance_scale=3.0, output_type="latent")
+    want = wan(image=first, last_image=last, generator=torch.Generator().manual_seed(0), **args).frames
+    got = ours(first, last_image=last, generator=torch.Generator().manual_seed(0), **args).frames
+    assert_rel_close(got, want, 1e-5, "first-last-frame latents vs WanImageToVideoPipeline")
+    if clip:  # an FLF2V model embeds two images: one alone is refused clearly
+        with pytest.raises(ValueError, match="first-last-frame model .* pass last_image"):
+            ours(first, generator=torch.Generator().manual_seed(0), **args)
+    else:
+        single = ours(first, generator=torch.Generator().manual_seed(0), **args).frames
+        assert not torch.allclose(single, got), "the last image changed nothing"
+    out = ours(first, last_image=last, prompt_embeds=positive, negative_prompt_embeds=negative,
+               reference_video=reference, motion_config=small_config(), height=HEIGHT, width=WIDTH,
+               num_frames=FRAMES, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert out.frames.shape == (1, FRAMES, HEIGHT, WIDTH, 3)
+    assert ours.guidance_state.gradient_passes == 4 * GUIDED_STEPS

@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="image to animate (Wan image-to-video models, e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers); resized to "
              "--height x --width",
     )
+    parser.add_argument(
+        "--last-image", default=None,
+        help="with --image, on a first-last-frame model (e.g. Wan2.1 FLF2V): the image the video ends on",
+    )
     parser.add_argument("--out", required=True, help="output video path (.mp4 or .gif); written only on success")
     parser.add_argument(
         "--height", type=int, default=480, help="multiple of 16; 32 for Wan2.2 TI2V-5B (default 480)"
@@ -122,11 +126,14 @@ def run(args: argparse.Namespace) -> int:
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         reference = prepare_reference(args.reference, args.num_frames, args.height, args.width)
-        image = None
+        image = last_image = None
+        if args.last_image is not None and args.image is None:
+            raise ValueError("--last-image needs --image (the first frame)")
         if args.image is not None:
             from fastvmt.image_to_video import load_image
 
             image = load_image(args.image)
+            last_image = None if args.last_image is None else load_image(args.last_image)
     except ValueError as exc:
         print(f"fastvmt transfer: error: {exc}", file=sys.stderr)
         return 2
@@ -157,9 +164,11 @@ def run(args: argparse.Namespace) -> int:
                 phases=args.local_attention,
             )
     image_args = () if image is None else (image,)
+    image_kwargs = {} if last_image is None else {"last_image": last_image}
     try:
         frames = pipe(
             *image_args,
+            **image_kwargs,
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
             reference_video=reference,
