@@ -187,7 +187,7 @@ def test_local_attention(benchmark, case, monkeypatch):
         from fastvmt_kernels.local_attention import kernels
 
         swept = sweep_configs(provider, HEAD_DIM, torch.finfo(DTYPE).bits // 8)
-        monkeypatch.setattr(kernels, "kernel_configs", lambda head_dim, elem_bytes, *hopper: swept)
+        monkeypatch.setattr(kernels, "kernel_configs", lambda head_dim, elem_bytes, *shared_memory: swept)
     heads = MODELS[model]
     window = WINDOWS.get(density, (99, 99, 99))
     layout = TileLayout.create(GRID, TILE, window)

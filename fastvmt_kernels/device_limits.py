@@ -8,6 +8,9 @@ import torch
 # Opt-in shared memory per thread block on Hopper (sm_90: H100, H200): 227 KiB. The kernels' largest pipelined
 # configurations are sized for it; devices with less take smaller ones.
 HOPPER_SHARED_MEMORY_PER_BLOCK = 227 * 1024
+# The smallest opt-in limit among the GPUs the kernels are checked for: Ada (sm_89: L40S, RTX 4090) and consumer
+# Ampere (sm_86), 99 KiB (A100, sm_80: 163 KiB).
+ADA_SHARED_MEMORY_PER_BLOCK = 99 * 1024
 
 
 @functools.lru_cache(maxsize=None)

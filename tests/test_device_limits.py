@@ -1,7 +1,8 @@
 """Launch configurations follow the device's shared memory per block: Hopper (227 KiB) gets the measured fastest
-ones, smaller devices the compact ones. Offline compiles (sm_90a and sm_80, no GPU needed) check that each
-configuration fits the device it is chosen for, and that the Hopper ones would not fit an A100 (so the fallback is
-needed); the interpreter checks the compact configurations compute the same results."""
+ones, smaller devices compact ones. Offline compiles (no GPU needed) check that every configuration fits the device it
+is chosen for -- Hopper's for sm_90a, and the smallest limit we support (99 KiB: Ada, consumer Ampere) for sm_89 --
+and that the larger ones would not fit there (so the fallbacks are needed); the interpreter checks that the forward's
+two block shapes compute the same attention."""
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import torch
 
 from fastvmt_kernels import TileLayout, local_attention
 from fastvmt_kernels.device_limits import (
+    ADA_SHARED_MEMORY_PER_BLOCK,
     HOPPER_SHARED_MEMORY_PER_BLOCK,
     has_hopper_shared_memory,
     shared_memory_per_block,
@@ -21,49 +23,46 @@ from fastvmt_kernels.local_attention import op as la_op
 from fastvmt_kernels.motion_flow import kernels as mf_kernels
 from fastvmt_kernels.motion_flow import op as mf_op
 
-from _utils import REL_TOL, assert_rel_close
+from _utils import assert_rel_close
 
-COMPILE_TIMEOUT_S = 600
+COMPILE_TIMEOUT_S = 900
 A100_SHARED_MEMORY_PER_BLOCK = 163 * 1024  # opt-in maximum per block on sm_80
 
-
 # Run in a subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit functions, which then cannot be
-# compiled): shared bytes of the largest configurations, as chosen for Hopper (compiled for sm_90a) and as chosen for
-# smaller devices (compiled for sm_80).
+# compiled). Prints {spec name: shared bytes} per group.
 _OFFLINE_SCRIPT = """
 import dataclasses, json
+from fastvmt_kernels.device_limits import ADA_SHARED_MEMORY_PER_BLOCK
 from fastvmt_kernels.inspect import HOPPER, compile_spec
 from fastvmt_kernels.local_attention import kernels as la
 from fastvmt_kernels.motion_flow import kernels as mf
-AMPERE = ("cuda", 80, 32)
+ADA = ("cuda", 89, 32)
 
-def spec(specs, name):
-    found = [s for s in specs if s.name == name]
-    assert found, (name, [s.name for s in specs])
+def shared(spec, target):
+    return compile_spec(spec, target)["shared_bytes"]
+
+def named(specs, prefix):
+    found = [s for s in specs if s.name.startswith(prefix)]
+    assert len(found) == 1, (prefix, [s.name for s in specs])
     return found[0]
 
-wide, compact = (la.kernel_configs(128, 2, hopper_shared_memory=h)["fwd"] for h in (True, False))
-fwd = spec(la.inspect_specs(head_dims=(128,)), f"local_attention_fwd bf16 D128 tile3x10x4 M{wide.block_m} N{wide.block_n}")
-fwd_compact = dataclasses.replace(fwd, constexprs=dict(fwd.constexprs, BLOCK_M=compact.block_m, BLOCK_N=compact.block_n),
-                                  num_warps=compact.num_warps, num_stages=compact.num_stages)
+hopper_la = la.inspect_specs()
 group = mf.BWD_TILE_GROUP
-bwd = spec(mf.inspect_specs(), f"motion_flow_fine_bwd bf16 d256 tile3x4 group{group[0]}x{group[1]}")
-assert bwd.num_stages == mf.NUM_STAGES
-bwd_compact = dataclasses.replace(bwd, num_stages=mf.COMPACT_NUM_STAGES)
+mf_bwd_256 = named(mf.inspect_specs(), f"motion_flow_fine_bwd bf16 d256 tile3x4 group{group[0]}x{group[1]}")
+assert mf_bwd_256.num_stages == mf.NUM_STAGES
+ada_la = la.inspect_specs(shared_memory=ADA_SHARED_MEMORY_PER_BLOCK)
+ada_mf = [dataclasses.replace(s, num_stages=mf.COMPACT_NUM_STAGES) for s in mf.inspect_specs()]
 print(json.dumps({
-    "la_fwd_hopper": compile_spec(fwd, HOPPER)["shared_bytes"],
-    "la_fwd_compact_sm80": compile_spec(fwd_compact, AMPERE)["shared_bytes"],
-    "mf_bwd_hopper": compile_spec(bwd, HOPPER)["shared_bytes"],
-    "mf_bwd_compact_sm80": compile_spec(bwd_compact, AMPERE)["shared_bytes"],
+    "hopper_configs_on_sm90": {
+        "la_fwd_d128": shared(named(hopper_la, "local_attention_fwd bf16 D128"), HOPPER),
+        "mf_bwd_d256": shared(mf_bwd_256, HOPPER),
+    },
+    "hopper_configs_on_sm89": {
+        "la_dkdv_d256": shared(named(hopper_la, "local_attention_dkdv bf16 D256"), ADA),
+    },
+    "ada_configs_on_sm89": {s.name: shared(s, ADA) for s in ada_la + ada_mf},
 }))
 """
-
-
-def test_cpu_tensors_report_hopper_limits():
-    """CPU tensors (the interpreter) run the configurations an H100 runs."""
-    cpu = torch.device("cpu")
-    assert shared_memory_per_block(cpu) == HOPPER_SHARED_MEMORY_PER_BLOCK
-    assert has_hopper_shared_memory(cpu)
 
 
 @pytest.fixture(scope="module")
@@ -75,38 +74,54 @@ def offline_shared_bytes():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_local_attention_forward_configs_fit_the_devices_they_are_chosen_for(offline_shared_bytes):
-    """The D <= 128 forward's Hopper configuration (128 x 128 keys, 3 stages) fits an H100 but not an A100; the
-    compact one fits an A100."""
-    assert A100_SHARED_MEMORY_PER_BLOCK < offline_shared_bytes["la_fwd_hopper"] <= HOPPER_SHARED_MEMORY_PER_BLOCK
-    assert offline_shared_bytes["la_fwd_compact_sm80"] <= A100_SHARED_MEMORY_PER_BLOCK
+def test_cpu_tensors_report_hopper_limits():
+    """CPU tensors (the interpreter) run the configurations an H100 runs."""
+    cpu = torch.device("cpu")
+    assert shared_memory_per_block(cpu) == HOPPER_SHARED_MEMORY_PER_BLOCK
+    assert has_hopper_shared_memory(cpu)
 
 
-def test_motion_flow_stages_fit_the_devices_they_are_chosen_for(offline_shared_bytes):
-    """The largest motion-flow configuration (backward, D = 256, default groups) at the Hopper stages fits an H100
-    but not an A100; at the compact stages it fits an A100."""
-    assert A100_SHARED_MEMORY_PER_BLOCK < offline_shared_bytes["mf_bwd_hopper"] <= HOPPER_SHARED_MEMORY_PER_BLOCK
-    assert offline_shared_bytes["mf_bwd_compact_sm80"] <= A100_SHARED_MEMORY_PER_BLOCK
+def test_hopper_configurations_fit_hopper_and_need_it(offline_shared_bytes):
+    """The local-attention D <= 128 forward (128 x 128 keys, 3 stages) and the motion-flow D = 256 backward (3
+    stages) fit an H100's block but not an A100's; the D > 128 dk/dv kernel's default does not fit Ada's."""
+    on_hopper = offline_shared_bytes["hopper_configs_on_sm90"]
+    for name, used in on_hopper.items():
+        assert A100_SHARED_MEMORY_PER_BLOCK < used <= HOPPER_SHARED_MEMORY_PER_BLOCK, (name, used)
+    assert offline_shared_bytes["hopper_configs_on_sm89"]["la_dkdv_d256"] > ADA_SHARED_MEMORY_PER_BLOCK
 
 
-def test_launchers_pick_compact_configurations_without_hopper_shared_memory(monkeypatch):
+def test_every_configuration_chosen_for_a_99_kib_device_fits_it(offline_shared_bytes):
+    """Every local-attention kernel (D = 64, 128, 256) and motion-flow kernel in the configuration chosen for 99 KiB
+    per block, compiled for sm_89, fits 99 KiB."""
+    ada = offline_shared_bytes["ada_configs_on_sm89"]
+    assert len(ada) >= 9 + 6, sorted(ada)
+    too_big = {name: used for name, used in ada.items() if used > ADA_SHARED_MEMORY_PER_BLOCK}
+    assert not too_big, too_big
+
+
+def test_launchers_pick_configurations_by_the_device_shared_memory(monkeypatch):
     q = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
     layout = TileLayout.create((1, 2, 4), (1, 2, 4), (1, 1, 1))
     assert la_op._common(q, layout)[0]["fwd"] == la_kernels.WIDE_FWD_D128
+    assert la_kernels.kernel_configs(256, 2)["dkdv"] == la_kernels.DKDV_D256
     assert mf_op._num_stages(q.device) == mf_kernels.NUM_STAGES
-    monkeypatch.setattr(la_op, "has_hopper_shared_memory", lambda device: False)
+    monkeypatch.setattr(la_op, "shared_memory_per_block", lambda device: ADA_SHARED_MEMORY_PER_BLOCK)
     monkeypatch.setattr(mf_op, "has_hopper_shared_memory", lambda device: False)
     assert la_op._common(q, layout)[0]["fwd"] == la_kernels.COMPACT_FWD_D128
+    assert la_op._common(torch.zeros(1, 8, 2, 256, dtype=torch.bfloat16), layout)[0]["dkdv"] == (
+        la_kernels.SMALL_DKDV_D256
+    )
     assert mf_op._num_stages(q.device) == mf_kernels.COMPACT_NUM_STAGES
 
 
-@pytest.mark.parametrize("hopper", [True, False], ids=["hopper", "compact"])
-def test_compact_and_wide_forward_blocks_agree(hopper, monkeypatch, device):
-    """bf16 local attention with 256-token tiles (so 128 x 128 and 128 x 64 key blocks differ) gives the same
-    output and lse either way, against the fp32 reference."""
+@pytest.mark.parametrize("shared_memory", [HOPPER_SHARED_MEMORY_PER_BLOCK, ADA_SHARED_MEMORY_PER_BLOCK],
+                         ids=["hopper", "ada"])
+def test_forward_block_shapes_of_each_device_match_the_reference(shared_memory, monkeypatch, device):
+    """bf16 local attention with 256-token tiles (so the 128 x 128 and 128 x 64 key blocks differ) against the fp32
+    reference, in the configurations each device gets."""
     from fastvmt_kernels.local_attention.reference import local_attention_reference
 
-    monkeypatch.setattr(la_op, "has_hopper_shared_memory", lambda device: hopper)
+    monkeypatch.setattr(la_op, "shared_memory_per_block", lambda device: shared_memory)
     grid, tile, window = (2, 16, 24), (1, 16, 16), (1, 1, 3)
     torch.manual_seed(7)
     q, k, v = (torch.randn(1, 2 * 16 * 24, 2, 128, device=device).to(torch.bfloat16) for _ in range(3))

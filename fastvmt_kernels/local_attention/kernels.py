@@ -36,6 +36,7 @@ from typing import Dict, List
 import triton
 import triton.language as tl
 
+from ..device_limits import HOPPER_SHARED_MEMORY_PER_BLOCK
 from ..index_math import small_divmod
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -63,15 +64,25 @@ class BlockConfig:
 # former 128 x 64 in 2 stages (4.14 ms at 128 x 128 in 2 stages, 4.17 ms at 128 x 64 in 3).
 WIDE_FWD_D128 = BlockConfig(128, 128, 8, 3)
 COMPACT_FWD_D128 = BlockConfig(128, 64, 8, 2)
+# D > 128 dk/dv: 32 queries x 64 keys per step take 112 KiB of shared memory on sm_89 (offline compile), more than
+# the 99 KiB a block gets on Ada / consumer GPUs; 32 x 32 takes 80 KiB there.
+DKDV_D256 = BlockConfig(32, 64, 8, 1)
+SMALL_DKDV_D256 = BlockConfig(32, 32, 8, 1)
+DKDV_D256_SHARED_BYTES = 112 * 1024
 
 
-def kernel_configs(head_dim: int, elem_bytes: int, hopper_shared_memory: bool = True) -> Dict[str, BlockConfig]:
+def kernel_configs(
+    head_dim: int, elem_bytes: int, shared_memory: int = HOPPER_SHARED_MEMORY_PER_BLOCK
+) -> Dict[str, BlockConfig]:
     """Fixed launch configurations per head dim and element size, for "fwd", "dq" and "dkdv".
 
     Used by the launcher and by :func:`inspect_specs`, so the inspection compiles exactly what runs.
     Block sizes are upper bounds: a tile smaller than a block shrinks it (see :func:`block_sizes`).
-    ``hopper_shared_memory``: whether the device gives a block 227 KiB of shared memory (H100 / H200); the D <= 128
-    forward's 128 x 128 blocks in 3 stages take 225 KiB, so other devices get COMPACT_FWD_D128 (97 KiB).
+    ``shared_memory``: bytes of shared memory a block may use on the device
+    (:func:`fastvmt_kernels.device_limits.shared_memory_per_block`). The D <= 128 forward's 128 x 128 blocks in 3
+    stages take 225 KiB (Hopper's 227 KiB), so other devices get COMPACT_FWD_D128; the D > 128 dk/dv kernel takes
+    SMALL_DKDV_D256 below DKDV_D256_SHARED_BYTES (Ada's 99 KiB). ``tests/test_device_limits.py`` compiles what each
+    device gets for sm_90 and sm_89 and checks it fits.
     """
     if elem_bytes == 4:  # fp32 (tests): small blocks keep shared memory in bounds at any D
         small = BlockConfig(32, 32, 4, 1)
@@ -84,7 +95,7 @@ def kernel_configs(head_dim: int, elem_bytes: int, hopper_shared_memory: bool = 
         }
     if head_dim <= 128:
         return {
-            "fwd": WIDE_FWD_D128 if hopper_shared_memory else COMPACT_FWD_D128,
+            "fwd": WIDE_FWD_D128 if shared_memory >= HOPPER_SHARED_MEMORY_PER_BLOCK else COMPACT_FWD_D128,
             "dq": BlockConfig(64, 64, 4, 2),
             "dkdv": BlockConfig(64, 64, 4, 2),
         }
@@ -92,7 +103,7 @@ def kernel_configs(head_dim: int, elem_bytes: int, hopper_shared_memory: bool = 
         # loops (the fwd spills nothing; dq and dk/dv reload 10 / 16 spilled values per step)
         "fwd": BlockConfig(64, 32, 4, 2),
         "dq": BlockConfig(64, 32, 8, 1),
-        "dkdv": BlockConfig(32, 64, 8, 1),
+        "dkdv": DKDV_D256 if shared_memory >= DKDV_D256_SHARED_BYTES else SMALL_DKDV_D256,
     }
 
 
@@ -508,14 +519,15 @@ INSPECT_TILE = (3, 10, 4)
 INSPECT_HEAD_DIMS = (64, 128, 256)
 
 
-def inspect_specs(head_dims=INSPECT_HEAD_DIMS) -> List["object"]:
-    """KernelSpecs for :mod:`fastvmt_kernels.inspect`: fwd, dq, dkdv, bf16, D = 64, 128 and 256, benchmark tile."""
+def inspect_specs(head_dims=INSPECT_HEAD_DIMS, shared_memory: int = HOPPER_SHARED_MEMORY_PER_BLOCK) -> List["object"]:
+    """KernelSpecs for :mod:`fastvmt_kernels.inspect`: fwd, dq, dkdv, bf16, D = 64, 128 and 256, benchmark tile, in
+    the configurations a device with ``shared_memory`` bytes per block runs (default: Hopper's)."""
     from ..inspect import KernelSpec
 
     specs = []
     ptr = "*bf16"
     for d in head_dims:
-        configs = kernel_configs(d, 2)
+        configs = kernel_configs(d, 2, shared_memory)
         common = layout_constexprs(INSPECT_GRID, INSPECT_TILE, d, dot_precision(2))
         vol = INSPECT_TILE[0] * INSPECT_TILE[1] * INSPECT_TILE[2]
         tag = f"bf16 D{d} tile{'x'.join(map(str, INSPECT_TILE))}"

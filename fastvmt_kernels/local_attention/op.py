@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..device_limits import has_hopper_shared_memory
+from ..device_limits import shared_memory_per_block
 from ..layout import TileLayout
 from . import kernels
 
@@ -98,7 +98,7 @@ def _common(q: torch.Tensor, layout: TileLayout):
     head_dim = q.shape[-1]
     elem = q.element_size()
     constexprs = kernels.layout_constexprs(layout.grid, layout.tile, head_dim, kernels.dot_precision(elem))
-    return kernels.kernel_configs(head_dim, elem, has_hopper_shared_memory(q.device)), constexprs
+    return kernels.kernel_configs(head_dim, elem, shared_memory_per_block(q.device)), constexprs
 
 
 def _num_tiles(layout: TileLayout) -> int:
