@@ -204,7 +204,7 @@ class FastVMTPipeline(WanPipeline):
         self, reference: Optional[torch.Tensor], batch: int, height: int, width: int, num_frames: int, device
     ) -> None:
         """Called once per ``__call__`` before the denoising loop with the prepared reference frames (F, 3, H, W) in
-        [0, 1] (or None); text-to-video has nothing to prepare."""
+        [0, 1] when guided steps will run reference passes (else None); text-to-video has nothing to prepare."""
 
     def model_input(self, latents: torch.Tensor, role: str) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """The transformer input for ``latents`` (B, C, F', H', W') in a pass of ``role`` ("target": the generated
@@ -539,9 +539,7 @@ class FastVMTPipeline(WanPipeline):
         reference_noise = None
         if guided:
             reference_noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=torch.float32)
-        self.prepare_conditioning(
-            reference if reference_video is not None else None, total_batch, height, width, num_frames, device
-        )
+        self.prepare_conditioning(reference if guided else None, total_batch, height, width, num_frames, device)
 
         state = GuidanceState()
         self.guidance_state = state

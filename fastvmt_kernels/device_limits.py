@@ -28,8 +28,8 @@ def shared_memory_per_block(device: torch.device) -> int:
     """
     if device.type != "cuda":
         return HOPPER_SHARED_MEMORY_PER_BLOCK
-    return _cuda_shared_memory_per_block(torch.device(device).index if device.index is not None
-                                         else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_shared_memory_per_block(index)
 
 
 def has_hopper_shared_memory(device: torch.device) -> bool:
