@@ -5,6 +5,7 @@ block, no attention of that block, no output head (the official code runs 5 bloc
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -80,6 +81,27 @@ def _run_blocks_manually(
     transformer.blocks[block](hidden, text, timestep_proj, rotary_emb)
 
 
+@contextlib.contextmanager
+def _run_uncompiled(*modules: torch.nn.Module):
+    """Inside the block, ``modules`` compiled with ``Module.compile`` (diffusers' ``compile_repeated_blocks``,
+    ``transformer.compile()``) run their eager ``forward``.
+
+    A truncated pass ends with :class:`StopForward`, raised in the motion block's self-attention: an exception that
+    a compiled region cannot carry out (``fullgraph=True`` refuses it, otherwise it breaks the graph). Only the
+    modules the exception passes through run eagerly -- the motion block (up to its Q/K projections) and a
+    whole-model-compiled transformer; the blocks before the motion block keep their compiled code.
+    """
+    saved = [(module, module._compiled_call_impl) for module in modules
+             if getattr(module, "_compiled_call_impl", None) is not None]
+    for module, _ in saved:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, compiled in saved:
+            module._compiled_call_impl = compiled
+
+
 def truncated_qk(
     transformer,
     latents: torch.Tensor,
@@ -107,8 +129,9 @@ def truncated_qk(
     Returns:
         q, k: (B, F', S, heads, head_dim), F' latent frames after temporal patching, S = Hg * Wg tokens per frame.
     """
+    transformer = getattr(transformer, "_orig_mod", transformer)  # torch.compile(transformer)'s wrapper: its model
     grid = token_grid_of(transformer, latents.shape)
-    with capture_qk(transformer, block, stop=True) as capture:
+    with capture_qk(transformer, block, stop=True) as capture, _run_uncompiled(transformer, transformer.blocks[block]):
         try:
             if gradient_checkpointing:
                 set_token_grid(transformer, latents.shape)

@@ -110,6 +110,31 @@ def test_two_expert_model_gets_local_attention_on_both_and_guidance_scale_2(refe
     assert load_video(out).shape == (9, 3, 32, 48)
 
 
+def test_compile_flag_compiles_every_transformer_block_and_writes_the_video(model_dir, reference_path, tmp_path,
+                                                                          monkeypatch):
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    import fastvmt.commands.transfer as transfer
+
+    # aot_eager: traces forward and backward as inductor would, without minutes of C++ code generation on a CPU.
+    monkeypatch.setitem(transfer.COMPILE_OPTIONS, "backend", "aot_eager")
+    compiled = []
+    original = WanTransformer3DModel.compile_repeated_blocks
+    monkeypatch.setattr(WanTransformer3DModel, "compile_repeated_blocks",
+                        lambda self, **kw: compiled.append((self, kw)) or original(self, **kw))
+    torch._dynamo.reset()
+    try:
+        out = tmp_path / "result.mp4"
+        assert main(_args(model_dir, reference_path, out, "--compile", "--local-attention", "guidance")) == 0
+    finally:
+        torch._dynamo.reset()
+    (transformer, options), = compiled
+    assert options == {"fullgraph": True, "backend": "aot_eager"}
+    assert all(block._compiled_call_impl is not None for block in transformer.blocks)
+    assert load_video(out).shape == (9, 3, 32, 48)
+
+
 def test_image_flag_animates_the_image_with_an_image_to_video_model(reference_path, tmp_path, capsys):
     from PIL import Image
 

@@ -10,6 +10,8 @@ LOCAL_ATTENTION_CHOICES = ("none", "guidance", "denoise", "both")
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 INIT_CHOICES = ("noise", "reference")
 WINDOW_SOURCE_CHOICES = ("own", "reference")
+# --compile: keyword arguments of each transformer's compile_repeated_blocks (torch.compile's, default backend).
+COMPILE_OPTIONS = {"fullgraph": True}
 
 
 def _int_triple(text: str):
@@ -69,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--local-tile", type=_int_triple, default=None, help="local attention tile t,h,w in tokens")
     parser.add_argument("--local-window", type=_int_triple, default=None, help="local attention window t,h,w in tiles")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="compile the transformer blocks with torch.compile (diffusers' compile_repeated_blocks, fullgraph); "
+             "the first passes of each kind (reference, gradient, denoising) compile, later ones reuse the code",
+    )
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for classifier-free guidance")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     parser.add_argument(
@@ -163,6 +170,9 @@ def run(args: argparse.Namespace) -> int:
                 window=args.local_window or DEFAULT_LOCAL_WINDOW,
                 phases=args.local_attention,
             )
+    if args.compile:
+        for transformer in pipe.experts():
+            transformer.compile_repeated_blocks(**COMPILE_OPTIONS)
     image_args = () if image is None else (image,)
     image_kwargs = {} if last_image is None else {"last_image": last_image}
     try:
