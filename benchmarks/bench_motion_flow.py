@@ -261,8 +261,8 @@ def test_motion_flow(benchmark, provider, monkeypatch):
         if warps or bwd_warps:
             launch = flow_op.fine_launch
 
-            def patched_launch(block_q, d_pad, backward):
-                default_warps, query_major = launch(block_q, d_pad, backward)
+            def patched_launch(block_q, d_pad, backward, hopper=True):
+                default_warps, query_major = launch(block_q, d_pad, backward, hopper)
                 chosen = bwd_warps if backward and bwd_warps else warps
                 return (int(chosen) if chosen else default_warps), query_major
 
@@ -270,7 +270,7 @@ def test_motion_flow(benchmark, provider, monkeypatch):
         if stages:
             monkeypatch.setattr(flow_op, "NUM_STAGES", int(stages))
         if bwd_keys:
-            monkeypatch.setattr(flow_op, "BWD_BLOCK_N", int(bwd_keys))
+            monkeypatch.setattr(flow_op, "bwd_block_n", lambda d_pad, hopper=True: int(bwd_keys))
     geo = _geometry(SHAPE)
     b, f, d = SHAPE["batch"], SHAPE["frames"], SHAPE["dim"]
     q, k = (torch.randn(b, f, geo.num_tokens, d, device=DEVICE).to(DTYPE).requires_grad_() for _ in range(2))

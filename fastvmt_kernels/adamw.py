@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -126,8 +127,9 @@ def fused_adamw_step(
     )
 
 
-def inspect_specs():
-    """GPU configuration of the AdamW kernel (fp32 state, bf16 gradient) for the compile report."""
+def inspect_specs(shared_memory: Optional[int] = None):
+    """GPU configuration of the AdamW kernel (fp32 state, bf16 gradient) for the compile report (the same on every
+    device: ``shared_memory`` is not used)."""
     from .inspect import KernelSpec
 
     signature = {name: "fp32" for name in _adamw_kernel.arg_names}

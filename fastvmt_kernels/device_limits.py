@@ -11,6 +11,7 @@ HOPPER_SHARED_MEMORY_PER_BLOCK = 227 * 1024
 # The smallest opt-in limit among the GPUs the kernels are checked for: Ada (sm_89: L40S, RTX 4090) and consumer
 # Ampere (sm_86), 99 KiB (A100, sm_80: 163 KiB).
 ADA_SHARED_MEMORY_PER_BLOCK = 99 * 1024
+A100_SHARED_MEMORY_PER_BLOCK = 163 * 1024  # opt-in maximum per block on sm_80
 
 
 @functools.lru_cache(maxsize=None)

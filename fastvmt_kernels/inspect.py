@@ -1,15 +1,16 @@
-"""Compile every Triton kernel configuration for Hopper (sm_90a) on any machine and report resources.
+"""Compile every Triton kernel configuration for Hopper (sm_90a), or another GPU, on any machine and report resources.
 
 Run ``python -m fastvmt_kernels.inspect`` (no GPU needed). For each kernel configuration that the GPU
 path launches, it compiles with the ``tt.divisibility`` hints the GPU JIT adds for 16-byte-aligned
 pointers and strides, then reads the cubin with the ``cuobjdump`` shipped in triton's wheel and prints:
 registers, spill bytes (the stack frame ptxas spills registers to, plus any local memory), shared memory, the HGMMA
 (wgmma) instruction count in SASS, the SASS instructions of one iteration of the hot loop (the innermost loop with
-the most HGMMA; per thread, the issue cost of one inner step, a proxy for the gathering kernels' integer overhead)
-and the spill reloads / stores inside that loop. ``--check`` exits non-zero when a hot loop stores spills or a
-kernel that multiplies has no HGMMA.
+the most tensor-core instructions; per thread, the issue cost of one inner step, a proxy for the gathering kernels'
+integer overhead) and the spill reloads / stores inside that loop. ``--check`` exits non-zero when a hot loop stores
+spills or a kernel that multiplies has no HGMMA. ``--target sm_89`` / ``sm_80`` compile for Ada / A100 instead, in
+the configurations the launchers choose there (their shared memory per block), counting HMMA (mma.sync).
 
-Kernel modules register their configurations through an ``inspect_specs()`` function returning a list
+Kernel modules register their configurations through an ``inspect_specs(shared_memory=...)`` function returning a list
 of :class:`KernelSpec`.
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
+from .device_limits import A100_SHARED_MEMORY_PER_BLOCK, ADA_SHARED_MEMORY_PER_BLOCK, HOPPER_SHARED_MEMORY_PER_BLOCK
+
 # Modules that define Triton kernels; each exposes ``inspect_specs() -> list[KernelSpec]``.
 KERNEL_MODULES = (
     "fastvmt_kernels.local_attention.kernels",
@@ -33,6 +36,14 @@ KERNEL_MODULES = (
 )
 HOPPER = ("cuda", 90, 32)
 DIVISIBILITY = 16
+# --target: name -> (compile target, shared memory per block the kernels' launchers see on such a device). Hopper's
+# sm_90a is the default; sm_89 (Ada, 99 KiB: also what consumer Ampere gets) and sm_80 (A100, 163 KiB) report the
+# configurations those GPUs run, with mma.sync (HMMA) in place of wgmma (HGMMA).
+TARGETS = {
+    "sm_90a": (HOPPER, HOPPER_SHARED_MEMORY_PER_BLOCK),
+    "sm_89": (("cuda", 89, 32), ADA_SHARED_MEMORY_PER_BLOCK),
+    "sm_80": (("cuda", 80, 32), A100_SHARED_MEMORY_PER_BLOCK),
+}
 
 
 @dataclass
@@ -69,8 +80,12 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 _BRANCH_TARGET = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
 
 
+_MMA = re.compile(r"\b(?:HGMMA|HMMA)\.")
+
+
 def hot_loop(sass: str) -> List[str]:
-    """The instructions of one iteration of the innermost SASS loop holding the most HGMMA ([] if no loop).
+    """The instructions of one iteration of the innermost SASS loop holding the most tensor-core instructions
+    (HGMMA on Hopper, HMMA before it; [] if no loop).
 
     Loops are found as backward branches ``BRA`` from address a to an earlier target t: the body is [t, a].
     """
@@ -84,9 +99,9 @@ def hot_loop(sass: str) -> List[str]:
     best: Tuple[int, List[str]] = (-1, [])
     for lo, hi in innermost:
         body = [text for a, text in ins if lo <= a <= hi]
-        hgmma = sum(1 for text in body if "HGMMA." in text)
-        if (hgmma, -len(body)) > (best[0], -len(best[1])):
-            best = (hgmma, body)
+        mma = sum(1 for text in body if _MMA.search(text))
+        if (mma, -len(body)) > (best[0], -len(best[1])):
+            best = (mma, body)
     return best[1]
 
 
@@ -135,7 +150,9 @@ def compile_spec(spec: KernelSpec, target: Tuple[str, int, int] = HOPPER) -> Dic
         "spill_bytes": max(0, field_value("LOCAL")) + max(0, field_value("STACK")),
         "stack_bytes": field_value("STACK"),
         "shared_bytes": int(kernel.metadata.shared) + max(0, field_value("SHARED")),
+        "target": f"sm_{target[1]}" + ("a" if target[1] == 90 else ""),
         "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
+        "hmma": len(re.findall(r"\bHMMA\.", sass)),
         "loop_instructions": len(loop),
         "loop_spill_stores": spill_instructions(loop, "STL"),
         "loop_spill_loads": spill_instructions(loop, "LDL"),
@@ -145,11 +162,12 @@ def compile_spec(spec: KernelSpec, target: Tuple[str, int, int] = HOPPER) -> Dic
     }
 
 
-def collect_specs() -> List[KernelSpec]:
-    """All registered kernel configurations (import errors propagate: a missing module is a bug)."""
+def collect_specs(shared_memory: int = HOPPER_SHARED_MEMORY_PER_BLOCK) -> List[KernelSpec]:
+    """All registered kernel configurations, as a device with ``shared_memory`` bytes per block runs them (import
+    errors propagate: a missing module is a bug)."""
     specs: List[KernelSpec] = []
     for module_name in KERNEL_MODULES:
-        specs.extend(importlib.import_module(module_name).inspect_specs())
+        specs.extend(importlib.import_module(module_name).inspect_specs(shared_memory=shared_memory))
     return specs
 
 
@@ -160,8 +178,10 @@ def problems(row: Dict[str, Any]) -> List[str]:
     found = []
     if row["loop_spill_stores"]:
         found.append(f"{row['loop_spill_stores']} spill stores per hot-loop iteration")
-    if row["expects_mma"] and row["hgmma"] == 0:
-        found.append("no HGMMA in SASS")
+    if row["expects_mma"]:
+        wgmma = row.get("target", "sm_90a") == "sm_90a"
+        if row["hgmma" if wgmma else "hmma"] == 0:
+            found.append(f"no {'HGMMA' if wgmma else 'HMMA'} in SASS")
     return found
 
 
@@ -171,22 +191,27 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     parser.add_argument("--check", action="store_true", help="exit 1 if a kernel spills or lacks HGMMA")
     parser.add_argument("--filter", default="", help="only kernels whose name contains this text")
+    parser.add_argument("--target", choices=tuple(TARGETS), default="sm_90a",
+                        help="GPU to compile for, in the configurations it runs (default sm_90a: H100 / H200)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set; unset it: the interpreter cannot compile for a GPU target")
-    rows = [compile_spec(s) for s in collect_specs() if args.filter in s.name]
+    target, shared_memory = TARGETS[args.target]
+    rows = [compile_spec(s, target) for s in collect_specs(shared_memory) if args.filter in s.name]
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        header = (f"{'kernel':58s} {'regs':>5s} {'spill B':>7s} {'smem KiB':>9s} {'HGMMA':>6s} {'loop':>5s} "
+        mma = "HGMMA" if args.target == "sm_90a" else "HMMA"
+        header = (f"{'kernel':58s} {'regs':>5s} {'spill B':>7s} {'smem KiB':>9s} {mma:>6s} {'loop':>5s} "
                   f"{'LDL/STL':>8s} {'warps':>5s} {'stages':>6s}  status")
-        print(f"sm_90a (Hopper) compile report, triton {__import__('triton').__version__}")
+        print(f"{args.target} compile report ({shared_memory // 1024} KiB shared memory per block), "
+              f"triton {__import__('triton').__version__}")
         print(header)
         for r in rows:
             status = "; ".join(problems(r)) or "ok"
             print(
                 f"{r['kernel']:58s} {r['registers']:5d} {r['spill_bytes']:7d} {r['shared_bytes'] / 1024:9.1f} "
-                f"{r['hgmma']:6d} {r['loop_instructions']:5d} "
+                f"{r['hgmma' if args.target == 'sm_90a' else 'hmma']:6d} {r['loop_instructions']:5d} "
                 f"{str(r['loop_spill_loads']) + '/' + str(r['loop_spill_stores']):>8s} "
                 f"{r['num_warps']:5d} {r['num_stages']:6d}  {status}"
             )

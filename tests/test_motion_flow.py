@@ -291,7 +291,7 @@ def test_tile_groups_match_reference_with_scattered_windows(device, monkeypatch,
     many key blocks hold no key of some queries' windows) and both backward key blocks, in both orientations."""
     monkeypatch.setattr(flow_op, "FWD_TILE_GROUP", fwd_group)
     monkeypatch.setattr(flow_op, "BWD_TILE_GROUP", bwd_group)
-    monkeypatch.setattr(flow_op, "BWD_BLOCK_N", bwd_block_n)
+    monkeypatch.setattr(flow_op, "bwd_block_n", lambda d_pad, hopper=True: bwd_block_n)
     group = (fwd_group, bwd_group)
     frame, tile, window, span = (7, 8), (3, 3), (3, 4), 3
     geo = FlowGeometry.create(frame, tile, window)

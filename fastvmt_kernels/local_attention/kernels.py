@@ -69,6 +69,12 @@ COMPACT_FWD_D128 = BlockConfig(128, 64, 8, 2)
 DKDV_D256 = BlockConfig(32, 64, 8, 1)
 SMALL_DKDV_D256 = BlockConfig(32, 32, 8, 1)
 DKDV_D256_SHARED_BYTES = 112 * 1024
+# 64 < D <= 128 dk/dv. Hopper (wgmma reads its operands from shared memory): 4 warps, the fastest in run 5's sweep
+# (17.6 ms fwd+bwd vs 18.3 with 1 stage; no spill stores in its loop). GPUs without Hopper-class shared memory
+# (mma.sync keeps the operand fragments in registers): at 4 warps the sm_89 loop stores 3 spills per step (offline
+# compile); 8 warps spill nothing there (166 registers) nor on sm_80.
+DKDV_D128 = BlockConfig(64, 64, 4, 2)
+COMPACT_DKDV_D128 = BlockConfig(64, 64, 8, 2)
 
 
 def kernel_configs(
@@ -81,8 +87,9 @@ def kernel_configs(
     ``shared_memory``: bytes of shared memory a block may use on the device
     (:func:`fastvmt_kernels.device_limits.shared_memory_per_block`). The D <= 128 forward's 128 x 128 blocks in 3
     stages take 225 KiB (Hopper's 227 KiB), so other devices get COMPACT_FWD_D128; the D > 128 dk/dv kernel takes
-    SMALL_DKDV_D256 below DKDV_D256_SHARED_BYTES (Ada's 99 KiB). ``tests/test_device_limits.py`` compiles what each
-    device gets for sm_90 and sm_89 and checks it fits.
+    SMALL_DKDV_D256 below DKDV_D256_SHARED_BYTES (Ada's 99 KiB), and the D <= 128 dk/dv kernel runs 8 warps off
+    Hopper (COMPACT_DKDV_D128). ``tests/test_device_limits.py`` compiles what each device gets for sm_90a, sm_89 and
+    sm_80 and checks that it fits and stores no spills in its hot loops.
     """
     if elem_bytes == 4:  # fp32 (tests): small blocks keep shared memory in bounds at any D
         small = BlockConfig(32, 32, 4, 1)
@@ -97,7 +104,7 @@ def kernel_configs(
         return {
             "fwd": WIDE_FWD_D128 if shared_memory >= HOPPER_SHARED_MEMORY_PER_BLOCK else COMPACT_FWD_D128,
             "dq": BlockConfig(64, 64, 4, 2),
-            "dkdv": BlockConfig(64, 64, 4, 2),
+            "dkdv": DKDV_D128 if shared_memory >= HOPPER_SHARED_MEMORY_PER_BLOCK else COMPACT_DKDV_D128,
         }
     return {  # D up to 256: 64-row accumulators keep wgmma (HGMMA) usable; offline: no spill stores in the hot
         # loops (the fwd spills nothing; dq and dk/dv reload 10 / 16 spilled values per step)

@@ -40,6 +40,7 @@ import os
 import triton
 import triton.language as tl
 
+from ..device_limits import HOPPER_SHARED_MEMORY_PER_BLOCK
 from ..index_math import small_divmod
 
 LOG2E = 1.4426950408889634
@@ -74,10 +75,23 @@ WIDE_BLOCK_Q = 64  # query slots that fill a Hopper MMA's 64 rows (wgmma M = 64 
 # Padded head dims above this run the backward at WIDE_DIM_NUM_WARPS warps: at 4 it stores spills in its hot loop.
 WIDE_DIM = 128
 WIDE_DIM_NUM_WARPS = 8
+# GPUs without Hopper-class shared memory (Ampere, Ada: mma.sync, whose operand fragments sit in registers; Hopper's
+# wgmma reads them from shared memory) run a query-major backward at COMPACT_BWD_NUM_WARPS warps, and above WIDE_DIM
+# with COMPACT_WIDE_DIM_BWD_BLOCK_N keys per step. Offline sm_80 / sm_89 SASS of the 2 x 2 group (3 x 4 tiles):
+# the Hopper configuration (4 warps; 8 at D = 256, 64 keys) stores 9-10 spills and reloads 74-79 per hot-loop
+# step there; 8 warps at D = 128 and 8 warps with 32 keys at D = 256 store none in the loop.
+COMPACT_BWD_NUM_WARPS = 8
+COMPACT_WIDE_DIM_BWD_BLOCK_N = 32
 
 
-def fine_launch(block_q: int, d_pad: int, backward: bool):
-    """(warps, query-major) of a fine-pass program with ``block_q`` query slots and head dim padded to ``d_pad``.
+def bwd_block_n(d_pad: int, hopper: bool = True) -> int:
+    """Keys per backward step for a head dim padded to ``d_pad`` on a Hopper-class GPU or another one."""
+    return BWD_BLOCK_N if hopper or d_pad <= WIDE_DIM else COMPACT_WIDE_DIM_BWD_BLOCK_N
+
+
+def fine_launch(block_q: int, d_pad: int, backward: bool, hopper: bool = True):
+    """(warps, query-major) of a fine-pass program with ``block_q`` query slots and head dim padded to ``d_pad``,
+    on a GPU with Hopper-class shared memory per block (``hopper``) or another one (see COMPACT_BWD_NUM_WARPS).
 
     Narrow groups put the keys on the MMA's 64 rows (keys x queries; the forward's per-query reductions then cross
     the warps). From WIDE_BLOCK_Q slots both passes turn query-major (queries x keys, each warp owning whole query
@@ -88,8 +102,11 @@ def fine_launch(block_q: int, d_pad: int, backward: bool):
     Above D = WIDE_DIM the backward takes 8 warps (D = 256 at 4 warps: 7 spill stores and 78 reloads per step in
     the 2 x 1 keys-major loop, 335 / 452 query-major; none at 8).
     """
+    query_major = block_q >= WIDE_BLOCK_Q
     warps = WIDE_DIM_NUM_WARPS if backward and d_pad > WIDE_DIM else NUM_WARPS
-    return warps, block_q >= WIDE_BLOCK_Q
+    if backward and query_major and not hopper:
+        warps = COMPACT_BWD_NUM_WARPS
+    return warps, query_major
 
 
 @triton.jit
@@ -450,11 +467,15 @@ INSPECT_SMALL_BWD_BLOCK_N = 32
 INSPECT_SMALL_BWD_NUM_WARPS = 8
 
 
-def inspect_specs():
-    """GPU configurations (bf16, 3 x 4 tiles) of the three kernels for the compile report: the default 2 x 2 tile
-    groups (query-major) at D = 128 and 256, a 2 x 1 group (keys-major) and the backward with 32 keys per step at
-    8 warps (the benchmark's ablations)."""
+def inspect_specs(shared_memory: int = HOPPER_SHARED_MEMORY_PER_BLOCK):
+    """GPU configurations (bf16, 3 x 4 tiles) of the three kernels for the compile report, as a device with
+    ``shared_memory`` bytes per block runs them (default: Hopper's): the default 2 x 2 tile groups (query-major) at
+    D = 128 and 256, a 2 x 1 group (keys-major) and the backward with 32 keys per step at 8 warps (the benchmark's
+    ablations)."""
     from ..inspect import KernelSpec
+
+    hopper = shared_memory >= HOPPER_SHARED_MEMORY_PER_BLOCK
+    num_stages = NUM_STAGES if hopper else COMPACT_NUM_STAGES
 
     def sig(fn, types):
         return {name: types.get(name, "i32") for name in fn.arg_names}
@@ -492,7 +513,7 @@ def inspect_specs():
             divisible=ptr_names(coarse)
             + ["stride_qb", "stride_qf", "stride_qs", "stride_kb", "stride_kf", "stride_ks"],
             num_warps=NUM_WARPS,
-            num_stages=NUM_STAGES,
+            num_stages=num_stages,
         )
     ]
     passes = (("fwd", _fine_fwd_kernel, fwd), ("bwd", _fine_bwd_kernel, bwd))
@@ -505,10 +526,11 @@ def inspect_specs():
         if label == "bwd" and group == FWD_TILE_GROUP:
             group = BWD_TILE_GROUP
         block_q = slots(group)
+        default_block_n = bwd_block_n(dim, hopper) if label == "bwd" else FINE_BLOCK_N
         if block_n is None:
-            block_n = BWD_BLOCK_N if label == "bwd" else FINE_BLOCK_N
-        suffix = "" if block_n == (BWD_BLOCK_N if label == "bwd" else FINE_BLOCK_N) else f" n{block_n}"
-        launch_warps, query_major = fine_launch(block_q, dim, label == "bwd")
+            block_n = default_block_n
+        suffix = "" if block_n == default_block_n else f" n{block_n}"
+        launch_warps, query_major = fine_launch(block_q, dim, label == "bwd", hopper)
         if warps is not None:
             launch_warps, suffix = warps, f"{suffix} w{warps}"
         specs.append(
@@ -521,7 +543,7 @@ def inspect_specs():
                      **({"FUSED_SUMS": True} if label == "fwd" else {})),
                 divisible=ptr_names(signature) + ["stride_qb", "stride_qf", "stride_qs"],
                 num_warps=launch_warps,
-                num_stages=NUM_STAGES,
+                num_stages=num_stages,
             )
         )
     return specs

@@ -19,7 +19,6 @@ from ..device_limits import has_hopper_shared_memory
 from .geometry import FlowGeometry, PairTable, make_pairs, pair_table
 from .kernels import (
     COARSE_BLOCK_M,
-    BWD_BLOCK_N,
     COARSE_BLOCK_N,
     FINE_BLOCK_N,
     LOG2E,
@@ -33,6 +32,7 @@ from .kernels import (
     _coarse_kernel,
     _fine_bwd_kernel,
     _fine_fwd_kernel,
+    bwd_block_n,
     fine_launch,
 )
 
@@ -105,7 +105,7 @@ def launch_fine_forward(
     b, _, _, dim = q.shape
     group, block_q, n_groups_x, n_groups = _tile_groups(geo, FWD_TILE_GROUP)
     d_pad = _next_power_of_2(dim)
-    num_warps, query_major = fine_launch(block_q, d_pad, backward=False)
+    num_warps, query_major = fine_launch(block_q, d_pad, False, has_hopper_shared_memory(q.device))
     grid = (n_groups, table.pairs.shape[0], b)
     _fine_fwd_kernel[grid](
         q, k, table.pair_i, table.pair_j, windows, flow, lse,
@@ -130,7 +130,8 @@ def launch_fine_backward(
     grad_flow = grad_flow.float().contiguous()
     group, block_q, n_groups_x, n_groups = _tile_groups(geo, BWD_TILE_GROUP)
     d_pad = _next_power_of_2(dim)
-    num_warps, query_major = fine_launch(block_q, d_pad, backward=True)
+    hopper = has_hopper_shared_memory(q.device)
+    num_warps, query_major = fine_launch(block_q, d_pad, True, hopper)
     grid = (n_groups, f, b)
     _fine_bwd_kernel[grid](
         q, k, table.pair_j, table.offsets, windows, flow, lse, grad_flow, dq, dk_acc,
@@ -142,7 +143,7 @@ def launch_fine_backward(
         n_groups_x, geo.tile_grid[1], geo.frame[0], geo.frame[1], geo.tile[0], geo.tile[1], *geo.window_sides,
         temperature / math.sqrt(dim) * LOG2E, temperature / math.sqrt(dim),
         HEAD_DIM=dim, D_PAD=d_pad, GROUP_Y=group[0], GROUP_X=group[1], BLOCK_Q=block_q,
-        BLOCK_N=BWD_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_N=bwd_block_n(d_pad, hopper), DOT_PRECISION=_dot_precision(q.dtype),
         QUERY_MAJOR=query_major, num_warps=num_warps, num_stages=_num_stages(q.device),
     )
 
