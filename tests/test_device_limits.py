@@ -142,7 +142,8 @@ class _LaunchRecorder:
 @pytest.mark.parametrize("dim", [128, 256])
 def test_motion_flow_backward_launches_the_device_configuration(monkeypatch, hopper, dim):
     """Wan's 3 x 4 tiles in 2 x 2 groups (64 query slots, query-major): Hopper runs the backward at 4 warps (8 above
-    D = 128) with 64 keys per step; other GPUs at 8 warps, with 32 keys above D = 128 (the offline check above)."""
+    D = 128) with 64 keys per step; other GPUs at 8 warps, with 32 keys above D = 128 (the offline check above).
+    Keys-major 2 x 1 groups take 8 warps there too."""
     from fastvmt_kernels.motion_flow.geometry import FlowGeometry, pair_table
 
     recorder = _LaunchRecorder()
@@ -166,6 +167,7 @@ def test_motion_flow_backward_launches_the_device_configuration(monkeypatch, hop
     else:
         assert (launch["num_warps"], launch["BLOCK_N"]) == (8, 64 if dim == 128 else 32)
         assert launch["num_stages"] == mf_kernels.COMPACT_NUM_STAGES
+    assert mf_kernels.fine_launch(32, dim, True, hopper) == (4 if hopper and dim == 128 else 8, False)
 
 
 @pytest.mark.parametrize("shared_memory", [HOPPER_SHARED_MEMORY_PER_BLOCK, ADA_SHARED_MEMORY_PER_BLOCK],

@@ -76,10 +76,11 @@ WIDE_BLOCK_Q = 64  # query slots that fill a Hopper MMA's 64 rows (wgmma M = 64 
 WIDE_DIM = 128
 WIDE_DIM_NUM_WARPS = 8
 # GPUs without Hopper-class shared memory (Ampere, Ada: mma.sync, whose operand fragments sit in registers; Hopper's
-# wgmma reads them from shared memory) run a query-major backward at COMPACT_BWD_NUM_WARPS warps, and above WIDE_DIM
-# with COMPACT_WIDE_DIM_BWD_BLOCK_N keys per step. Offline sm_80 / sm_89 SASS of the 2 x 2 group (3 x 4 tiles):
-# the Hopper configuration (4 warps; 8 at D = 256, 64 keys) stores 9-10 spills and reloads 74-79 per hot-loop
-# step there; 8 warps at D = 128 and 8 warps with 32 keys at D = 256 store none in the loop.
+# wgmma reads them from shared memory) run the backward at COMPACT_BWD_NUM_WARPS warps, and above WIDE_DIM with
+# COMPACT_WIDE_DIM_BWD_BLOCK_N keys per step. Offline sm_80 / sm_89 SASS, 3 x 4 tiles: the Hopper configuration of
+# the 2 x 2 group (4 warps; 8 at D = 256, 64 keys) stores 9-10 spills and reloads 74-79 per hot-loop step there,
+# and with triton 3.9 the keys-major 2 x 1 and 1 x 1 groups at 4 warps store 38-56; at 8 warps (32 keys at
+# D = 256) none of them stores any in its loop, with triton 3.6 or 3.9.
 COMPACT_BWD_NUM_WARPS = 8
 COMPACT_WIDE_DIM_BWD_BLOCK_N = 32
 
@@ -104,7 +105,7 @@ def fine_launch(block_q: int, d_pad: int, backward: bool, hopper: bool = True):
     """
     query_major = block_q >= WIDE_BLOCK_Q
     warps = WIDE_DIM_NUM_WARPS if backward and d_pad > WIDE_DIM else NUM_WARPS
-    if backward and query_major and not hopper:
+    if backward and not hopper:
         warps = COMPACT_BWD_NUM_WARPS
     return warps, query_major
 
