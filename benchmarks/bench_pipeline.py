@@ -22,6 +22,11 @@ computation is also timed with the other setting (``*_other_ckpt``). The last ro
 times of the fastvmt and local-attention rows for gradient reuse with k = 5 carried
 across steps (the testbed recipe's setting: G + 1 gradient iterations instead of 4 G).
 
+Opt-in (``FASTVMT_BENCH_PIPELINE_COMPILE=<torch.compile backend>``, e.g. ``inductor``; not in the GPU suite, whose
+pipeline stage has no room for minutes of compilation): a last variant ``fastvmt+compile`` times the fastvmt row's
+phases with the transformer's blocks compiled (``compile_repeated_blocks(fullgraph=True)``, as ``fastvmt transfer
+--compile``); its denoising step is the compiled plain generation's. The warm-up call of each phase compiles.
+
 A last test runs whole ``pipe(...)`` calls on a shorter schedule (15 steps, 3 guided: the same 20% guided fraction)
 -- plain, FastVMT, and FastVMT with k = 5 carried + local attention everywhere -- and compares their wall time with
 the total composed from this run's phase rows (results/pipeline_end_to_end).
@@ -35,6 +40,7 @@ $FASTVMT_BENCH_OUT or a temp dir (never benchmarks/results).
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -81,7 +87,10 @@ LOCAL_VARIANTS = {
     "fastvmt+local(all)": ("both", LOCAL),
     SPARSE_ALL: ("both", LOCAL_SPARSE),
 }
-VARIANTS = ("plain", "ditflow", "fastvmt", *LOCAL_VARIANTS)
+# Opt-in compiled variant: its torch.compile backend (the dry-run test uses aot_eager: no C++ code generation).
+COMPILE_BACKEND = os.environ.get("FASTVMT_BENCH_PIPELINE_COMPILE", "")
+COMPILED = "fastvmt+compile"
+VARIANTS = ("plain", "ditflow", "fastvmt", *LOCAL_VARIANTS, *((COMPILED,) if COMPILE_BACKEND else ()))
 CARRIED_REUSE_INTERVAL = 5
 CARRIED_SETTINGS = dict(reuse_interval=CARRIED_REUSE_INTERVAL, carry_gradient_across_steps=True)
 # Measured row -> the same phase times composed for k = 5 carried across steps.
@@ -195,6 +204,8 @@ def _measure(bench, variant: str) -> Dict[str, object]:
     if variant in LOCAL_VARIANTS:
         phases, settings = LOCAL_VARIANTS[variant]
         apply_local_attention(transformer, phases=phases, **settings)
+    if variant == COMPILED:
+        transformer.compile_repeated_blocks(fullgraph=True, backend=COMPILE_BACKEND)
     t = pipe.scheduler.timesteps[0]
     row: Dict[str, object] = {"variant": variant}
     _reset_peak()
@@ -246,6 +257,10 @@ def _measure(bench, variant: str) -> Dict[str, object]:
         row["error"] = f"OOM: {str(exc).splitlines()[0]}"
     finally:
         transformer.set_attn_processor(original)
+        if variant == COMPILED:
+            for block in transformer.blocks:
+                block._compiled_call_impl = None  # undo Module.compile
+            torch._dynamo.reset()
     return row
 
 
@@ -426,4 +441,10 @@ def write_results():
         "gradient computation (no AdamW step) with the other setting (other_ckpt); times are medians after one "
         "warm-up",
     ]
+    if COMPILED in RESULTS:
+        notes.append(
+            f"{COMPILED}: the fastvmt row's phases with the transformer blocks compiled (compile_repeated_blocks("
+            f"fullgraph=True), backend {COMPILE_BACKEND}); its denoising step is compiled plain generation's; "
+            "x_plain is against the eager plain row"
+        )
     return write_table("pipeline", "Motion-transfer pipeline phases (Wan2.1-1.3B size)", list(RESULTS.values()), columns, notes)

@@ -7,8 +7,9 @@ registers, spill bytes (the stack frame ptxas spills registers to, plus any loca
 (wgmma) instruction count in SASS, the SASS instructions of one iteration of the hot loop (the innermost loop with
 the most tensor-core instructions; per thread, the issue cost of one inner step, a proxy for the gathering kernels'
 integer overhead) and the spill reloads / stores inside that loop. ``--check`` exits non-zero when a hot loop stores
-spills or a kernel that multiplies has no HGMMA. ``--target sm_89`` / ``sm_80`` compile for Ada / A100 instead, in
-the configurations the launchers choose there (their shared memory per block), counting HMMA (mma.sync).
+spills or a kernel that multiplies has no HGMMA. ``--target sm_100a`` / ``sm_89`` / ``sm_80`` compile for B200 / Ada /
+A100 instead, in the configurations the launchers choose there (their shared memory per block), counting their
+tensor-core instructions (tcgen05, mma.sync).
 
 Kernel modules register their configurations through an ``inspect_specs(shared_memory=...)`` function returning a list
 of :class:`KernelSpec`.
@@ -37,10 +38,12 @@ KERNEL_MODULES = (
 HOPPER = ("cuda", 90, 32)
 DIVISIBILITY = 16
 # --target: name -> (compile target, shared memory per block the kernels' launchers see on such a device). Hopper's
-# sm_90a is the default; sm_89 (Ada, 99 KiB: also what consumer Ampere gets) and sm_80 (A100, 163 KiB) report the
-# configurations those GPUs run, with mma.sync (HMMA) in place of wgmma (HGMMA).
+# sm_90a is the default; sm_100a (B200, whose 227 KiB per block give it Hopper's configurations), sm_89 (Ada, 99 KiB:
+# also what consumer Ampere gets) and sm_80 (A100, 163 KiB) report the configurations those GPUs run, with their
+# tensor-core instructions (MMA_OPCODES) in place of wgmma's HGMMA.
 TARGETS = {
     "sm_90a": (HOPPER, HOPPER_SHARED_MEMORY_PER_BLOCK),
+    "sm_100a": (("cuda", 100, 32), HOPPER_SHARED_MEMORY_PER_BLOCK),
     "sm_89": (("cuda", 89, 32), ADA_SHARED_MEMORY_PER_BLOCK),
     "sm_80": (("cuda", 80, 32), A100_SHARED_MEMORY_PER_BLOCK),
 }
@@ -80,7 +83,17 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 _BRANCH_TARGET = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
 
 
-_MMA = re.compile(r"\b(?:HGMMA|HMMA)\.")
+# Tensor-core SASS per architecture: wgmma on Hopper, tcgen05 (UTCHMMA, UTCQMMA, ...) on datacenter Blackwell,
+# mma.sync on Ampere / Ada.
+MMA_OPCODES = {90: "HGMMA", 100: "UTC[A-Z]*MMA"}
+PRE_HOPPER_MMA = "HMMA"
+_MMA = re.compile(r"\b(?:HGMMA|HMMA|UTC[A-Z]*MMA)\b")
+
+
+def mma_opcode(capability: int) -> str:
+    """The SASS tensor-core instruction (a regex) that a kernel compiled for ``capability`` (e.g. 90) multiplies
+    with."""
+    return MMA_OPCODES.get(capability, PRE_HOPPER_MMA)
 
 
 def hot_loop(sass: str) -> List[str]:
@@ -150,9 +163,9 @@ def compile_spec(spec: KernelSpec, target: Tuple[str, int, int] = HOPPER) -> Dic
         "spill_bytes": max(0, field_value("LOCAL")) + max(0, field_value("STACK")),
         "stack_bytes": field_value("STACK"),
         "shared_bytes": int(kernel.metadata.shared) + max(0, field_value("SHARED")),
-        "target": f"sm_{target[1]}" + ("a" if target[1] == 90 else ""),
+        "target": f"sm_{target[1]}" + ("a" if target[1] in MMA_OPCODES else ""),
         "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
-        "hmma": len(re.findall(r"\bHMMA\.", sass)),
+        "mma": len(re.findall(rf"\b{mma_opcode(target[1])}\b", sass)),
         "loop_instructions": len(loop),
         "loop_spill_stores": spill_instructions(loop, "STL"),
         "loop_spill_loads": spill_instructions(loop, "LDL"),
@@ -179,9 +192,9 @@ def problems(row: Dict[str, Any]) -> List[str]:
     if row["loop_spill_stores"]:
         found.append(f"{row['loop_spill_stores']} spill stores per hot-loop iteration")
     if row["expects_mma"]:
-        wgmma = row.get("target", "sm_90a") == "sm_90a"
-        if row["hgmma" if wgmma else "hmma"] == 0:
-            found.append(f"no {'HGMMA' if wgmma else 'HMMA'} in SASS")
+        if row["mma"] == 0:
+            capability = int(re.sub(r"\D", "", row["target"]))
+            found.append(f"no {mma_opcode(capability)} in SASS")
     return found
 
 
@@ -201,7 +214,7 @@ def main(argv: List[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        mma = "HGMMA" if args.target == "sm_90a" else "HMMA"
+        mma = {"sm_90a": "HGMMA", "sm_100a": "tcgen05"}.get(args.target, "HMMA")
         header = (f"{'kernel':58s} {'regs':>5s} {'spill B':>7s} {'smem KiB':>9s} {mma:>6s} {'loop':>5s} "
                   f"{'LDL/STL':>8s} {'warps':>5s} {'stages':>6s}  status")
         print(f"{args.target} compile report ({shared_memory // 1024} KiB shared memory per block), "
@@ -211,7 +224,7 @@ def main(argv: List[str] | None = None) -> int:
             status = "; ".join(problems(r)) or "ok"
             print(
                 f"{r['kernel']:58s} {r['registers']:5d} {r['spill_bytes']:7d} {r['shared_bytes'] / 1024:9.1f} "
-                f"{r['hgmma' if args.target == 'sm_90a' else 'hmma']:6d} {r['loop_instructions']:5d} "
+                f"{r['mma']:6d} {r['loop_instructions']:5d} "
                 f"{str(r['loop_spill_loads']) + '/' + str(r['loop_spill_stores']):>8s} "
                 f"{r['num_warps']:5d} {r['num_stages']:6d}  {status}"
             )

@@ -21,7 +21,8 @@ EXPECTED_TABLES = {
 
 def test_every_benchmark_file_runs_dry(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "FASTVMT_GPU_TESTS"}
-    env.update(FASTVMT_BENCH_DRY="1", FASTVMT_BENCH_OUT=str(tmp_path), TRITON_INTERPRET="1")
+    env.update(FASTVMT_BENCH_DRY="1", FASTVMT_BENCH_OUT=str(tmp_path), TRITON_INTERPRET="1",
+               FASTVMT_BENCH_PIPELINE_COMPILE="aot_eager")  # the opt-in compiled pipeline row too
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks", "--benchmark-disable"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
@@ -32,3 +33,5 @@ def test_every_benchmark_file_runs_dry(tmp_path):
         assert path.exists(), f"{name} was not written; files: {sorted(p.name for p in tmp_path.iterdir())}"
         text = path.read_text()
         assert marker in text and "dry run" in text, f"{name} lacks {marker!r} or the dry-run device line"
+    compiled = next(line for line in (tmp_path / "pipeline.md").read_text().splitlines() if "| fastvmt+compile |" in line)
+    assert "error" not in compiled.lower() and "nan" not in compiled.lower(), compiled

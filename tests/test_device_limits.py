@@ -1,7 +1,8 @@
 """Launch configurations follow the device's shared memory per block: Hopper (227 KiB) gets the measured fastest
 ones, smaller devices compact ones. Offline compiles (no GPU needed) check that every configuration fits the device it
-is chosen for -- Hopper's for sm_90a, and the smallest limit we support (99 KiB: Ada, consumer Ampere) for sm_89 --
-and that the larger ones would not fit there (so the fallbacks are needed); the interpreter checks that the forward's
+is chosen for -- Hopper's for sm_90a and sm_100a (B200), the smallest limit we support (99 KiB: Ada, consumer
+Ampere) for sm_89, A100's 163 KiB for sm_80 -- with no spill stores in a hot loop, and that the larger ones would not
+fit the smaller devices (so the fallbacks are needed); the interpreter checks that the forward's
 two block shapes compute the same attention."""
 import json
 import os
@@ -58,7 +59,7 @@ report = {
         "la_dkdv_d256": shared(named(hopper_la, "local_attention_dkdv bf16 D256"), TARGETS["sm_89"][0]),
     },
 }
-for name in ("sm_89", "sm_80"):
+for name in ("sm_100a", "sm_89", "sm_80"):
     target, shared_memory = TARGETS[name]
     rows = [compile_spec(spec, target) for spec in collect_specs(shared_memory)]
     report[name] = {row["kernel"]: {"shared_bytes": row["shared_bytes"], "problems": problems(row)} for row in rows}
@@ -71,7 +72,7 @@ def offline_shared_bytes():
     if os.environ.get("FASTVMT_GPU_TESTS") == "1":
         # ~40 offline compiles (a minute) that no GPU changes: the CPU CI runs them; the GPU suite's test stage,
         # which compiles its kernels in parallel workers against a time limit, leaves them out.
-        pytest.skip("offline compiles for sm_90a / sm_89 / sm_80 run in CPU CI, not in the GPU suite")
+        pytest.skip("offline compiles for sm_90a / sm_100a / sm_89 / sm_80 run in CPU CI, not in the GPU suite")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _OFFLINE_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=COMPILE_TIMEOUT_S)
@@ -95,15 +96,17 @@ def test_hopper_configurations_fit_hopper_and_need_it(offline_shared_bytes):
     assert offline_shared_bytes["hopper_configs_on_sm89"]["la_dkdv_d256"] > ADA_SHARED_MEMORY_PER_BLOCK
 
 
-@pytest.mark.parametrize("target, shared_memory", [("sm_89", ADA_SHARED_MEMORY_PER_BLOCK),
+@pytest.mark.parametrize("target, shared_memory", [("sm_100a", HOPPER_SHARED_MEMORY_PER_BLOCK),
+                                                   ("sm_89", ADA_SHARED_MEMORY_PER_BLOCK),
                                                    ("sm_80", A100_SHARED_MEMORY_PER_BLOCK)])
-def test_every_configuration_chosen_for_a_smaller_device_fits_it_without_hot_loop_spill_stores(
+def test_every_configuration_chosen_for_another_device_fits_it_without_hot_loop_spill_stores(
     offline_shared_bytes, target, shared_memory
 ):
     """Every local-attention kernel (D = 64, 128, 256), motion-flow kernel and the AdamW kernel, in the configuration
-    chosen for a device with ``shared_memory`` per block (99 KiB: Ada, consumer Ampere; 163 KiB: A100), compiled for
-    it, fits and stores no spills in its hot loop (the Hopper configurations' motion-flow backward stored 9-10 per
-    step on sm_80 / sm_89, the local-attention D = 128 dk/dv 3 on sm_89) and uses the tensor cores (HMMA)."""
+    chosen for a device with ``shared_memory`` per block (B200: Hopper's 227 KiB; 99 KiB: Ada, consumer Ampere;
+    163 KiB: A100), compiled for it, fits and stores no spills in its hot loop (the Hopper configurations'
+    motion-flow backward stored 9-10 per step on sm_80 / sm_89, the local-attention D = 128 dk/dv 3 on sm_89) and
+    multiplies on the tensor cores (tcgen05, HMMA)."""
     rows = offline_shared_bytes[target]
     assert len(rows) >= 9 + 6, sorted(rows)
     too_big = {name: row["shared_bytes"] for name, row in rows.items() if row["shared_bytes"] > shared_memory}

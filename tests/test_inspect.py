@@ -53,6 +53,20 @@ def test_hot_loop_counter_on_synthetic_sass():
     ]
     assert len(hot_loop("\n".join(lines))) == 4
     assert hot_loop("/*0000*/ EXIT ;") == []
+    # The same loop found by Ampere / Ada's mma.sync and Blackwell's tcgen05 (no suffix after the opcode).
+    for opcode in ("HMMA.16816.F32.BF16 R24, R4, R8, R24", "UTCHMMA gdesc[UR4], gdesc[UR6], tmem[UR8], UPT"):
+        other = [line.replace("HGMMA.64x64x16.F32 R24, gdesc[UR4], RZ", opcode) for line in lines]
+        assert len(hot_loop("\n".join(other))) == 4, opcode
+
+
+def test_mma_opcode_per_architecture():
+    import re
+
+    from fastvmt_kernels.inspect import mma_opcode
+
+    assert re.fullmatch(mma_opcode(90), "HGMMA")
+    assert re.fullmatch(mma_opcode(100), "UTCHMMA") and re.fullmatch(mma_opcode(100), "UTCQMMA")
+    assert re.fullmatch(mma_opcode(89), "HMMA") and re.fullmatch(mma_opcode(80), "HMMA")
 
 
 def test_spill_instructions_counts_stores_and_reloads():
