@@ -135,6 +135,27 @@ def test_compile_flag_compiles_every_transformer_block_and_writes_the_video(mode
     assert load_video(out).shape == (9, 3, 32, 48)
 
 
+def test_offload_flag_installs_model_offload_instead_of_moving_the_pipeline(model_dir, reference_path, tmp_path,
+                                                                          monkeypatch):
+    """``--offload model`` runs diffusers' enable_model_cpu_offload on the chosen device (here the CPU, where the
+    accelerate hooks move nothing but still wrap every model's forward) and never ``pipe.to``; the video is written."""
+    from fastvmt.pipeline import FastVMTPipeline
+
+    calls = []  # ("offload", pipe, kwargs) / ("to", pipe, args), in order
+    offload, to = FastVMTPipeline.enable_model_cpu_offload, FastVMTPipeline.to
+    monkeypatch.setattr(FastVMTPipeline, "enable_model_cpu_offload",
+                        lambda self, **kw: calls.append(("offload", self, kw)) or offload(self, **kw))
+    monkeypatch.setattr(FastVMTPipeline, "to", lambda self, *a, **kw: calls.append(("to", self, a)) or to(self, *a, **kw))
+    out = tmp_path / "result.mp4"
+    assert main(_args(model_dir, reference_path, out, "--offload", "model", "--device", "cpu")) == 0
+    # The CLI's first device call is the offload (diffusers re-applies it after the call, and moves the models to
+    # the CPU itself inside it); the CLI never moves the pipeline.
+    kind, pipe, options = calls[0]
+    assert kind == "offload" and str(options["device"]) == "cpu", calls[0]
+    assert hasattr(pipe.transformer, "_hf_hook") and hasattr(pipe.vae, "_hf_hook")
+    assert load_video(out).shape == (9, 3, 32, 48)
+
+
 def test_image_flag_animates_the_image_with_an_image_to_video_model(reference_path, tmp_path, capsys):
     from PIL import Image
 

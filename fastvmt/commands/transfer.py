@@ -10,6 +10,7 @@ LOCAL_ATTENTION_CHOICES = ("none", "guidance", "denoise", "both")
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 INIT_CHOICES = ("noise", "reference")
 WINDOW_SOURCE_CHOICES = ("own", "reference")
+OFFLOAD_CHOICES = ("none", "model")
 # --compile: keyword arguments of each transformer's compile_repeated_blocks (torch.compile's, default backend).
 COMPILE_OPTIONS = {"fullgraph": True}
 
@@ -71,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--local-tile", type=_int_triple, default=None, help="local attention tile t,h,w in tokens")
     parser.add_argument("--local-window", type=_int_triple, default=None, help="local attention window t,h,w in tiles")
+    parser.add_argument(
+        "--offload", choices=OFFLOAD_CHOICES, default="none",
+        help="model: keep each model (text encoder, transformer(s), VAE) on the CPU until it runs (diffusers' "
+             "enable_model_cpu_offload), e.g. for Wan2.2 A14B's two 14B experts on one 80 GB GPU (default none)",
+    )
     parser.add_argument(
         "--compile", action="store_true",
         help="compile the transformer blocks with torch.compile (diffusers' compile_repeated_blocks, fullgraph); "
@@ -161,7 +167,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if pipe.vae is not None:
         pipe.vae.to(torch.float32)  # the Wan VAE is numerically fragile in half precision
-    pipe.to(device)
+    if args.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)  # each model moves to `device` when it runs
+    else:
+        pipe.to(device)
     if args.local_attention != "none":
         for transformer in pipe.experts():  # both experts of a Wan2.2 A14B model
             apply_local_attention(
