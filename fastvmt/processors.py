@@ -315,7 +315,10 @@ def apply_local_attention(
 
     Returns:
         The previous processors (a dict for ``transformer.set_attn_processor``, which undoes the patch).
+
+    A ``torch.compile(transformer)`` wrapper is patched through its model (``_orig_mod``); its next call recompiles.
     """
+    transformer = getattr(transformer, "_orig_mod", transformer)
     name = type(transformer).__name__
     family = OTHER_FAMILIES.get(name)
     if family is None:

@@ -84,3 +84,31 @@ def test_whole_model_fullgraph_compile_matches_eager(pixel_dir, reference):
     torch.testing.assert_close(_video(pipe, reference), eager, rtol=1e-4, atol=1e-5)
     assert _compiled_graphs() >= 1  # the denoising passes ran compiled (guidance passes run the eager forward)
     assert pipe.transformer._compiled_call_impl is not None  # the truncated passes gave the compiled call back
+
+
+def test_local_attention_installs_through_a_torch_compile_wrapper():
+    """``apply_local_attention(torch.compile(transformer))`` patches the wrapped model: the compiled wrapper then gives
+    the eager patched model's output in the guidance phase (which differs from dense attention), dense attention in
+    the denoising phase, and follows a new token grid."""
+    from _wan_tiny import build_components
+
+    from fastvmt.processors import attention_phase
+
+    torch.manual_seed(0)
+    transformer = build_components(vae=False)["transformer"].eval()
+    embeds, timestep = torch.randn(1, 16, 32), torch.tensor([500.0])
+    small, large = torch.randn(1, 3, 5, 16, 16), torch.randn(1, 3, 9, 16, 24)
+
+    def run(model, latents, phase):
+        with torch.no_grad(), attention_phase(phase):
+            return model(latents, timestep, embeds, return_dict=False)[0]
+
+    dense = run(transformer, small, "denoise")
+    compiled = torch.compile(transformer, backend=COMPILE_BACKEND, fullgraph=True)
+    apply_local_attention(compiled, tile=(1, 2, 2), window=(1, 1, 1), phases="guidance")
+    got = {(latents.shape, phase): run(compiled, latents, phase)
+           for latents in (small, large) for phase in ("guidance", "denoise")}
+    torch.testing.assert_close(got[(small.shape, "denoise")], dense)
+    for latents in (small, large):
+        torch.testing.assert_close(got[(latents.shape, "guidance")], run(transformer, latents, "guidance"))
+    assert (got[(small.shape, "guidance")] - dense).abs().max() > 0.1
