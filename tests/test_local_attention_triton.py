@@ -90,6 +90,25 @@ def test_non_contiguous_views(device):
     assert_packed_matches_reference(qkv, grid, tile, window, dout)
 
 
+def test_sdpa_layout_views_are_read_in_place(device):
+    """Callers holding SDPA's (B, H, L, D) layout pass ``.transpose(1, 2)`` views (head stride L * D, token stride D)
+    with no copy: out and the gradients of the (B, H, L, D) leaves equal the reference's (ragged grid, 2 heads)."""
+    grid, tile, window = (2, 5, 7), (1, 2, 4), (1, 2, 1)
+    b, h, d, seq = 2, 2, 32, 70
+    leaves = [torch.randn(b, h, seq, d, device=device, dtype=torch.float16).requires_grad_() for _ in range(3)]
+    views = [t.transpose(1, 2) for t in leaves]
+    assert not views[0].is_contiguous() and views[0].stride(1) == d
+    out = local_attention(*views, grid, tile, window, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    ref, _ = local_attention_reference(*(t.transpose(1, 2) for t in ref_leaves), TileLayout.create(grid, tile, window))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout)
+    assert_rel_close(out, ref, REL_TOL[torch.float16], "out")
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert_rel_close(got, want, 2 * REL_TOL[torch.float16], f"d{name}")
+
+
 def assert_packed_matches_reference(qkv, grid, tile, window, dout):
     """Triton local attention of q, k, v unbound from a packed (B, L, 3, H, D) tensor: out, d(qkv) vs the reference."""
     out = local_attention(*qkv.unbind(2), grid, tile, window, backend="triton")
