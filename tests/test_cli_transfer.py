@@ -60,6 +60,9 @@ def test_transfer_writes_video_of_requested_size(model_dir, reference_path, tmp_
         (dict(flags=("--guided-steps", "-1")), "guided_steps must be an int >= 0"),
         (dict(flags=("--reuse-interval", "0")), "reuse_interval must be an int >= 1"),
         (dict(out="result.avi"), "--out must end with"),
+        (dict(flags=("--set", "inner_itres=5")), "no field 'inner_itres'; fields: .*inner_iters"),
+        (dict(flags=("--set", "inner_iters")), "--set takes FIELD=VALUE"),
+        (dict(flags=("--set", "head_reduce=mean_kq")), "head_reduce must be one of"),
     ],
 )
 def test_bad_input_fails_cleanly_without_output(model_dir, reference_path, tmp_path, capsys, change, match):
@@ -87,6 +90,15 @@ def test_guidance_flags_reach_the_config():
     assert (config.reuse_interval, config.carry_gradient_across_steps, config.window_source) == (5, True, "reference")
     default = _build_config(parser.parse_args(_args("m", "r.mp4", "o.mp4")))
     assert (default.reuse_interval, default.carry_gradient_across_steps, default.window_source) == (3, False, "own")
+    overridden = _build_config(parser.parse_args(_args(
+        "m", "r.mp4", "o.mp4", "--reuse-interval", "5", "--set", "reference_noise=0.1", "--set", "head_reduce=mean_flow",
+        "--set", "tile=2,2", "--set", "inner_iters=6", "--set", "reuse_interval=2", "--set", "amf_weight=2.5",
+        "--set", "carry_gradient_across_steps=True",
+    )))
+    assert (overridden.reference_noise, overridden.head_reduce, overridden.tile, overridden.inner_iters) == (
+        0.1, "mean_flow", (2, 2), 6
+    )
+    assert (overridden.reuse_interval, overridden.amf_weight, overridden.carry_gradient_across_steps) == (2, 2.5, True)
 
 
 def test_two_expert_model_gets_local_attention_on_both_and_guidance_scale_2(reference_path, tmp_path, monkeypatch):

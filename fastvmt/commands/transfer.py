@@ -73,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-tile", type=_int_triple, default=None, help="local attention tile t,h,w in tokens")
     parser.add_argument("--local-window", type=_int_triple, default=None, help="local attention window t,h,w in tiles")
     parser.add_argument(
+        "--set", dest="config_overrides", action="append", default=[], metavar="FIELD=VALUE",
+        help="any other MotionTransferConfig field, e.g. --set reference_noise=0.1 --set head_reduce=mean_flow "
+             "--set inner_iters=5 --set tile=2,2 (values are Python literals or plain words; repeatable; applied "
+             "after the flags above)",
+    )
+    parser.add_argument(
         "--offload", choices=OFFLOAD_CHOICES, default="none",
         help="model: keep each model (text encoder, transformer(s), VAE) on the CPU until it runs (diffusers' "
              "enable_model_cpu_offload), e.g. for Wan2.2 A14B's two 14B experts on one 80 GB GPU (default none)",
@@ -122,7 +128,32 @@ def _build_config(args):
         overrides["carry_gradient_across_steps"] = True
     if args.window_source is not None:
         overrides["window_source"] = args.window_source
+    overrides.update(_parse_config_overrides(getattr(args, "config_overrides", [])))
     return MotionTransferConfig(**overrides)
+
+
+def _parse_config_overrides(items) -> dict:
+    """``["field=value", ...]`` -> {field: value}: each value a Python literal (0.1, 5, True, (2, 2), 2,2) or, if it
+    is none, the word itself ("mean_flow", "current_t"). Unknown fields raise ValueError naming the known ones."""
+    import ast
+    import dataclasses
+
+    from fastvmt.config import MotionTransferConfig
+
+    known = sorted(f.name for f in dataclasses.fields(MotionTransferConfig))
+    overrides = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
+        if name not in known:
+            raise ValueError(f"--set: MotionTransferConfig has no field {name!r}; fields: {', '.join(known)}")
+        try:
+            overrides[name] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            overrides[name] = text.strip()
+    return overrides
 
 
 def run(args: argparse.Namespace) -> int:
