@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -138,21 +138,39 @@ def load_video(source: VideoLike) -> torch.Tensor:
     )
 
 
-def sample_frames(video: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """Pick ``num_frames`` frames of ``video`` (F, 3, H, W) uniformly in time, keeping the first and the last.
+def sample_frames(video: torch.Tensor, num_frames: int, start: int = 0, stride: Optional[int] = None) -> torch.Tensor:
+    """Pick ``num_frames`` frames of ``video`` (F, 3, H, W) from frame ``start`` on.
 
-    Frame ``i`` of the result is input frame ``round(i * (F - 1) / (num_frames - 1))``. Raises a ValueError when the
-    clip has fewer than ``num_frames`` frames (frames are never duplicated) or fewer than 2.
+    With ``stride=None``, uniformly in time over frames ``start .. F - 1``, keeping both ends: frame ``i`` of the
+    result is input frame ``start + round(i * (F - 1 - start) / (num_frames - 1))`` (a long clip's motion is sped
+    up to fit). With ``stride=k``, every k-th frame: ``start + i * k`` (the clip's speed kept at k input frames per
+    output frame, e.g. k = 2 for a 30 fps clip played at 16 fps). Raises a ValueError when the clip is too short
+    (frames are never duplicated), ``num_frames < 2``, ``start < 0`` or ``stride < 1``.
     """
     available = video.shape[0]
     if num_frames < MIN_FRAMES:
         raise ValueError(f"num_frames must be >= {MIN_FRAMES} for motion transfer, got {num_frames}")
-    if available < num_frames:
-        raise ValueError(
-            f"the reference video has {available} frames but {num_frames} are requested; frames are sampled "
-            f"uniformly in time and never duplicated, so pass a longer clip or a smaller num_frames (<= {available})"
-        )
-    index = torch.linspace(0, available - 1, num_frames).round().long()
+    if not (isinstance(start, int) and start >= 0):
+        raise ValueError(f"the reference start frame must be an int >= 0, got {start!r}")
+    if stride is not None and not (isinstance(stride, int) and stride >= 1):
+        raise ValueError(f"the reference frame stride must be an int >= 1 (or None: uniform), got {stride!r}")
+    if stride is None:
+        if available - start < num_frames:
+            after_start = f" ({available - start} from frame {start})" if start else ""
+            raise ValueError(
+                f"the reference video has {available} frames{after_start} but {num_frames} are requested; frames "
+                "are sampled uniformly in time and never duplicated, so pass a longer clip"
+                f"{', an earlier start' if start else ''} or a smaller num_frames (<= {max(0, available - start)})"
+            )
+        index = start + torch.linspace(0, available - 1 - start, num_frames).round().long()
+    else:
+        needed = start + (num_frames - 1) * stride + 1
+        if available < needed:
+            raise ValueError(
+                f"the reference video has {available} frames but {num_frames} frames every {stride} from frame "
+                f"{start} need {needed}; pass a longer clip, an earlier start, a smaller stride or num_frames"
+            )
+        index = start + stride * torch.arange(num_frames)
     return video[index]
 
 
@@ -173,9 +191,12 @@ def resize_video(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return video.clamp(0, 1)
 
 
-def prepare_reference(source: VideoLike, num_frames: int, height: int, width: int) -> torch.Tensor:
-    """Load, sample ``num_frames`` uniformly and resize to ``height x width``: (num_frames, 3, height, width) in [0, 1]."""
-    return resize_video(sample_frames(load_video(source), num_frames), height, width)
+def prepare_reference(
+    source: VideoLike, num_frames: int, height: int, width: int, start: int = 0, stride: Optional[int] = None
+) -> torch.Tensor:
+    """Load, sample ``num_frames`` (:func:`sample_frames`: uniformly by default, every ``stride``-th from ``start``)
+    and resize to ``height x width``: (num_frames, 3, height, width) in [0, 1]."""
+    return resize_video(sample_frames(load_video(source), num_frames, start, stride), height, width)
 
 
 def _to_uint8_frames(frames) -> List[np.ndarray]:

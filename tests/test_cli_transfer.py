@@ -39,7 +39,8 @@ def test_help_lists_transfer():
 @pytest.mark.parametrize("extra", [
     (),
     ("--recipe", "ditflow", "--local-attention", "both", "--local-window", "1,1,1"),
-    ("--reuse-interval", "5", "--carry-gradient", "--window-source", "reference"),
+    ("--reuse-interval", "5", "--carry-gradient", "--window-source", "reference", "--reference-start", "1",
+     "--reference-stride", "1"),
 ])
 def test_transfer_writes_video_of_requested_size(model_dir, reference_path, tmp_path, capsys, extra):
     out = tmp_path / "out" / "result.mp4"
@@ -60,6 +61,8 @@ def test_transfer_writes_video_of_requested_size(model_dir, reference_path, tmp_
         (dict(flags=("--guided-steps", "-1")), "guided_steps must be an int >= 0"),
         (dict(flags=("--reuse-interval", "0")), "reuse_interval must be an int >= 1"),
         (dict(out="result.avi"), "--out must end with"),
+        (dict(flags=("--reference-stride", "2")), "9 frames every 2 from frame 0 need 17"),
+        (dict(flags=("--reference-start", "4")), r"has 11 frames \(7 from frame 4\) but 9 are requested"),
         (dict(flags=("--set", "inner_itres=5")), "no field 'inner_itres'; fields: .*inner_iters"),
         (dict(flags=("--set", "inner_iters")), "--set takes FIELD=VALUE"),
         (dict(flags=("--set", "head_reduce=mean_kq")), "head_reduce must be one of"),

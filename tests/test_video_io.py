@@ -55,6 +55,22 @@ def test_sample_frames_is_uniform_and_keeps_the_ends():
         sample_frames(video, 1)
 
 
+def test_sample_frames_from_a_start_uniformly_or_with_a_stride():
+    video = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1).expand(10, 3, 2, 2)
+    frame_ids = lambda *args: sample_frames(video, *args)[:, 0, 0, 0].tolist()  # noqa: E731
+    assert frame_ids(3, 5) == [5.0, 7.0, 9.0]  # uniform over frames 5..9, both ends kept
+    assert frame_ids(4, 1, 2) == [1.0, 3.0, 5.0, 7.0]  # every 2nd frame from 1: the clip's speed kept
+    assert frame_ids(5, 0, 2) == [0.0, 2.0, 4.0, 6.0, 8.0]
+    with pytest.raises(ValueError, match=r"has 10 frames \(4 from frame 6\) but 5 are requested"):
+        sample_frames(video, 5, 6)
+    with pytest.raises(ValueError, match="5 frames every 3 from frame 0 need 13"):
+        sample_frames(video, 5, 0, 3)
+    with pytest.raises(ValueError, match="start frame must be an int >= 0"):
+        sample_frames(video, 3, -1)
+    with pytest.raises(ValueError, match="stride must be an int >= 1"):
+        sample_frames(video, 3, 0, 0)
+
+
 def test_resize_center_crops_to_the_target_aspect():
     video = torch.zeros(2, 3, 20, 40)
     video[..., :10] = 1.0  # left quarter white: cropped away when going to a square

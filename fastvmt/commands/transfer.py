@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-frames", type=int, default=81, help="4k+1 frames (default 81), sampled uniformly from the reference"
     )
+    parser.add_argument("--reference-start", type=int, default=0, help="first reference frame to use (default 0)")
+    parser.add_argument(
+        "--reference-stride", type=int, default=None,
+        help="take every N-th reference frame from --reference-start, keeping the clip's speed (e.g. 2 for a 30 fps "
+             "clip at --fps 16); default: --num-frames frames spread uniformly over the rest of the clip",
+    )
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--recipe", choices=RECIPE_CHOICES, default="fastvmt", help="guidance recipe (default fastvmt)")
@@ -169,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
         for name in ("height", "width", "num_frames", "steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        reference = prepare_reference(args.reference, args.num_frames, args.height, args.width)
+        reference = prepare_reference(args.reference, args.num_frames, args.height, args.width,
+                                      args.reference_start, args.reference_stride)
         image = last_image = None
         if args.last_image is not None and args.image is None:
             raise ValueError("--last-image needs --image (the first frame)")
