@@ -4,8 +4,9 @@ Layout throughout: a video is a float32 tensor (F, 3, H, W) with values in [0, 1
 
 - :func:`load_video` reads an mp4 / gif / other ffmpeg-readable file, a folder of image frames (sorted by name), a
   list of PIL images, a numpy array or a torch tensor.
-- :func:`prepare_reference` samples ``num_frames`` frames uniformly in time (the first and last frames are kept;
-  a clip with fewer frames than requested is an error, frames are never invented) and resizes them to
+- :func:`prepare_reference` samples ``num_frames`` frames uniformly in time (the first and last frames are kept),
+  or every ``stride``-th frame from ``start`` (a clip with fewer frames than that needs is an error, frames are never
+  invented) and resizes them to
   ``height x width`` (center crop to the target aspect ratio, then bilinear resize with antialiasing).
 - :func:`write_video` writes mp4 (H.264 through imageio-ffmpeg, as ``diffusers.utils.export_to_video``) or gif to a
   temporary file next to the target and renames it, so a failure never leaves a half-written file.
