@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--width", type=int, default=832, help="multiple of 16; 32 for Wan2.2 TI2V-5B (default 832)"
     )
     parser.add_argument(
-        "--num-frames", type=int, default=81, help="4k+1 frames (default 81), sampled uniformly from the reference"
+        "--num-frames", type=int, default=81,
+        help="4k+1 frames (default 81), sampled uniformly from the reference unless --reference-stride is given",
     )
     parser.add_argument("--reference-start", type=int, default=0, help="first reference frame to use (default 0)")
     parser.add_argument(
