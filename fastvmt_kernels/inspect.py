@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Tuple
 
 from .device_limits import A100_SHARED_MEMORY_PER_BLOCK, ADA_SHARED_MEMORY_PER_BLOCK, HOPPER_SHARED_MEMORY_PER_BLOCK
 
-# Modules that define Triton kernels; each exposes ``inspect_specs() -> list[KernelSpec]``.
+# Modules that define Triton kernels; each exposes ``inspect_specs(shared_memory=...) -> list[KernelSpec]``.
 KERNEL_MODULES = (
     "fastvmt_kernels.local_attention.kernels",
     "fastvmt_kernels.motion_flow.kernels",
@@ -83,11 +83,12 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 _BRANCH_TARGET = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
 
 
-# Tensor-core SASS per architecture: wgmma on Hopper, tcgen05 (UTCHMMA, UTCQMMA, ...) on datacenter Blackwell,
-# mma.sync on Ampere / Ada.
+# Tensor-core SASS per architecture (regex): wgmma on Hopper, tcgen05 (UTCHMMA, UTCQMMA, ...) on datacenter
+# Blackwell, mma.sync on Ampere / Ada; and the report's column name for each.
 MMA_OPCODES = {90: "HGMMA", 100: "UTC[A-Z]*MMA"}
 PRE_HOPPER_MMA = "HMMA"
-_MMA = re.compile(r"\b(?:HGMMA|HMMA|UTC[A-Z]*MMA)\b")
+MMA_COLUMNS = {90: "HGMMA", 100: "tcgen05"}
+_MMA = re.compile(rf"\b(?:{'|'.join([*MMA_OPCODES.values(), PRE_HOPPER_MMA])})\b")
 
 
 def mma_opcode(capability: int) -> str:
@@ -98,7 +99,7 @@ def mma_opcode(capability: int) -> str:
 
 def hot_loop(sass: str) -> List[str]:
     """The instructions of one iteration of the innermost SASS loop holding the most tensor-core instructions
-    (HGMMA on Hopper, HMMA before it; [] if no loop).
+    (HGMMA on Hopper, tcgen05 on Blackwell, HMMA before Hopper; [] if no loop).
 
     Loops are found as backward branches ``BRA`` from address a to an earlier target t: the body is [t, a].
     """
@@ -163,7 +164,7 @@ def compile_spec(spec: KernelSpec, target: Tuple[str, int, int] = HOPPER) -> Dic
         "spill_bytes": max(0, field_value("LOCAL")) + max(0, field_value("STACK")),
         "stack_bytes": field_value("STACK"),
         "shared_bytes": int(kernel.metadata.shared) + max(0, field_value("SHARED")),
-        "target": f"sm_{target[1]}" + ("a" if target[1] in MMA_OPCODES else ""),
+        "capability": target[1],
         "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
         "mma": len(re.findall(rf"\b{mma_opcode(target[1])}\b", sass)),
         "loop_instructions": len(loop),
@@ -191,10 +192,8 @@ def problems(row: Dict[str, Any]) -> List[str]:
     found = []
     if row["loop_spill_stores"]:
         found.append(f"{row['loop_spill_stores']} spill stores per hot-loop iteration")
-    if row["expects_mma"]:
-        if row["mma"] == 0:
-            capability = int(re.sub(r"\D", "", row["target"]))
-            found.append(f"no {mma_opcode(capability)} in SASS")
+    if row["expects_mma"] and row["mma"] == 0:
+        found.append(f"no {mma_opcode(row['capability'])} in SASS")
     return found
 
 
@@ -214,7 +213,7 @@ def main(argv: List[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        mma = {"sm_90a": "HGMMA", "sm_100a": "tcgen05"}.get(args.target, "HMMA")
+        mma = MMA_COLUMNS.get(target[1], PRE_HOPPER_MMA)
         header = (f"{'kernel':58s} {'regs':>5s} {'spill B':>7s} {'smem KiB':>9s} {mma:>6s} {'loop':>5s} "
                   f"{'LDL/STL':>8s} {'warps':>5s} {'stages':>6s}  status")
         print(f"{args.target} compile report ({shared_memory // 1024} KiB shared memory per block), "

@@ -135,7 +135,7 @@ def _build_config(args):
         overrides["carry_gradient_across_steps"] = True
     if args.window_source is not None:
         overrides["window_source"] = args.window_source
-    overrides.update(_parse_config_overrides(getattr(args, "config_overrides", [])))
+    overrides.update(_parse_config_overrides(args.config_overrides))
     return MotionTransferConfig(**overrides)
 
 
