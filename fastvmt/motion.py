@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from diffusers.utils.torch_utils import unwrap_module
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .config import MotionTransferConfig
@@ -129,7 +130,7 @@ def truncated_qk(
     Returns:
         q, k: (B, F', S, heads, head_dim), F' latent frames after temporal patching, S = Hg * Wg tokens per frame.
     """
-    transformer = getattr(transformer, "_orig_mod", transformer)  # torch.compile(transformer)'s wrapper: its model
+    transformer = unwrap_module(transformer)  # a torch.compile(transformer) wrapper: its model
     grid = token_grid_of(transformer, latents.shape)
     with capture_qk(transformer, block, stop=True) as capture, _run_uncompiled(transformer, transformer.blocks[block]):
         try:

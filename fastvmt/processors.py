@@ -22,6 +22,7 @@ from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+from diffusers.utils.torch_utils import unwrap_module
 
 PHASES = ("guidance", "denoise")
 PHASE_CHOICES = ("both", "guidance", "denoise")
@@ -318,7 +319,7 @@ def apply_local_attention(
 
     A ``torch.compile(transformer)`` wrapper is patched through its model (``_orig_mod``); its next call recompiles.
     """
-    transformer = getattr(transformer, "_orig_mod", transformer)
+    transformer = unwrap_module(transformer)
     name = type(transformer).__name__
     family = OTHER_FAMILIES.get(name)
     if family is None:
