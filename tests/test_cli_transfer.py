@@ -66,6 +66,9 @@ def test_transfer_writes_video_of_requested_size(model_dir, reference_path, tmp_
         (dict(flags=("--set", "inner_itres=5")), "no field 'inner_itres'; fields: .*inner_iters"),
         (dict(flags=("--set", "inner_iters")), "--set takes FIELD=VALUE"),
         (dict(flags=("--set", "head_reduce=mean_kq")), "head_reduce must be one of"),
+        (dict(flags=("--fps", "0")), "--fps must be >= 1"),
+        (dict(flags=("--local-window", "3,3,3")), "--local-tile / --local-window set the local attention of"),
+        (dict(flags=("--device", "bogus")), "--device 'bogus' is not a torch device"),
     ],
 )
 def test_bad_input_fails_cleanly_without_output(model_dir, reference_path, tmp_path, capsys, change, match):
@@ -81,6 +84,25 @@ def test_bad_input_fails_cleanly_without_output(model_dir, reference_path, tmp_p
     assert re.search(match, err), err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.mp4"]
+
+
+def test_output_folder_and_device_are_checked_before_loading(model_dir, reference_path, tmp_path, capsys,
+                                                            monkeypatch):
+    import torch
+
+    from fastvmt.pipeline import FastVMTPipeline
+
+    monkeypatch.setattr(FastVMTPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "afile").write_text("a file where --out wants a folder")
+    assert main(_args(model_dir, reference_path, tmp_path / "afile" / "sub" / "result.mp4")) == 2
+    assert "'afile' is a file, not a folder" in capsys.readouterr().err.replace(str(tmp_path) + "/", "")
+    if not torch.cuda.is_available():
+        assert main(_args(model_dir, reference_path, tmp_path / "result.mp4", "--device", "cuda")) == 2
+        assert "needs CUDA" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: "every entry must be >= 1"
+        main(_args(model_dir, reference_path, tmp_path / "result.mp4", "--local-tile", "0,1,1"))
+    assert "every entry must be >= 1" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_guidance_flags_reach_the_config():

@@ -2,11 +2,14 @@
 import json
 import math
 import os
+import re
 
 import imageio.v3 as iio
+import numpy as np
 import pytest
 
 from fastvmt import cli
+from fastvmt.video_io import write_video
 from fastvmt.testbed import data, recipes
 
 METHOD_KEYS = {"trajectory_error_px", "trajectory_error_unaligned_px", "detection_rate", "seconds"}
@@ -43,7 +46,7 @@ def test_demo_writes_videos_strip_and_metrics(demo_dir):
     assert len(summary["reference"]["trajectory"]) == data.DEFAULT_FRAMES
 
 
-def test_demo_on_a_user_clip_and_bad_input(tmp_path, demo_dir):
+def test_demo_on_a_user_clip_and_bad_input(tmp_path, demo_dir, capsys):
     out = tmp_path / "mine"
     assert cli.main(["demo", "--out", str(out), "--reference", str(demo_dir / "reference.mp4"),
                      "--prompt", "a green square", "--steps", "3", "--methods", "unguided,fastvmt"]) == 0
@@ -53,7 +56,15 @@ def test_demo_on_a_user_clip_and_bad_input(tmp_path, demo_dir):
     traj = summary["reference"]["trajectory"]
     truth = data.arc_trajectory().tolist()
     assert max(math.dist(a, b) for a, b in zip(traj, truth)) < 0.75
-    with pytest.raises(ValueError, match="exactly one colour"):
-        cli.main(["demo", "--out", str(tmp_path / "bad"), "--prompt", "a purple circle"])
-    with pytest.raises(ValueError, match="unknown"):
-        cli.main(["demo", "--out", str(tmp_path / "bad"), "--methods", "fastvmt,magic"])
+    short = tmp_path / "short.gif"
+    write_video(np.broadcast_to(np.arange(4, dtype=np.uint8)[:, None, None, None] * 60, (4, 16, 16, 3)), short, fps=8)
+    capsys.readouterr()
+    for argv, message in (
+        (["--prompt", "a purple circle"], "exactly one colour"),
+        (["--methods", "fastvmt,magic"], "unknown"),
+        (["--reference", str(tmp_path / "missing.mp4")], "does not exist"),
+        (["--reference", str(short)], f"needs at least {data.DEFAULT_FRAMES} frames; .* has 4"),
+    ):
+        assert cli.main(["demo", "--out", str(tmp_path / "bad"), *argv]) == 2
+        assert re.search(f"fastvmt demo: error: .*{message}", capsys.readouterr().err), argv
+    assert not (tmp_path / "bad").exists()

@@ -7,11 +7,11 @@ from PIL import Image
 from fastvmt.video_io import VideoReadError, load_video, prepare_reference, resize_video, sample_frames, write_video
 
 
-def _ramp_video(frames=6, height=32, width=48):
-    """uint8 (F, H, W, 3): frame f has brightness 25 * f + 20 plus a horizontal gradient in red."""
+def _ramp_video(frames=6, height=32, width=48, step=25):
+    """uint8 (F, H, W, 3): frame f has brightness step * f + 20 plus a horizontal gradient in red."""
     video = np.zeros((frames, height, width, 3), dtype=np.uint8)
     for f in range(frames):
-        video[f, ..., 1] = 25 * f + 20
+        video[f, ..., 1] = step * f + 20
         video[f, ..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
     return video
 
@@ -121,3 +121,92 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="even height and width"):
         write_video(np.zeros((2, 7, 9, 3), dtype=np.uint8), tmp_path / "odd.mp4")  # libx264 rejects odd sizes
     assert list(tmp_path.iterdir()) == []
+
+
+
+def _frames_as_video(video: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255
+
+
+def test_folder_frames_in_natural_order_hidden_files_skipped(tmp_path):
+    video = _ramp_video(frames=11, height=8, width=8, step=20)
+    for f in range(11):
+        Image.fromarray(video[f]).save(tmp_path / f"frame_{f + 1}.png")  # as text, "frame_10" < "frame_2"
+    (tmp_path / "._frame_3.png").write_bytes(b"a macOS resource fork, not an image")
+    expected = _frames_as_video(video)
+    torch.testing.assert_close(load_video(tmp_path), expected)
+    torch.testing.assert_close(prepare_reference(tmp_path, 4, 8, 8, start=1, stride=3), expected[[1, 4, 7, 10]])
+
+
+def test_sixteen_bit_frames_keep_their_range(tmp_path):
+    levels = [1000, 21000, 41000]
+    for f, level in enumerate(levels):
+        Image.fromarray(np.full((8, 8), level, dtype=np.uint16)).save(tmp_path / f"{f}.png")
+    video = load_video(tmp_path)
+    assert video.shape == (3, 3, 8, 8)
+    torch.testing.assert_close(video[:, :, 0, 0], torch.tensor(levels).float()[:, None].expand(3, 3) / 65535)
+    pil = load_video([Image.fromarray(np.full((4, 4), level, dtype=np.uint16)) for level in levels])
+    torch.testing.assert_close(pil[:, 0, 0, 0], torch.tensor(levels).float() / 65535)
+
+
+def test_prepare_reference_decodes_only_the_frames_it_keeps(tmp_path, monkeypatch):
+    import fastvmt.video_io as video_io
+
+    path = write_video(_ramp_video(frames=12, height=16, width=16, step=20), tmp_path / "long.mp4", fps=8)
+    whole = load_video(path)
+    stacked = []
+    real_stack = video_io._stack_images
+    monkeypatch.setattr(video_io, "_stack_images", lambda arrays, *a, **k: stacked.append(len(arrays))
+                        or real_stack(arrays, *a, **k))
+    decoded = []
+    real_decode = video_io._decode_frames
+    monkeypatch.setattr(video_io, "_decode_frames", lambda *a, **k: decoded.append(real_decode(*a, **k)[1])
+                        or real_decode(*a, **k))
+    for args in ((5, 0, None), (4, 2, None), (4, 1, 2), (3, 0, 5)):
+        stacked.clear()
+        decoded.clear()
+        got = prepare_reference(path, args[0], 16, 16, *args[1:])
+        torch.testing.assert_close(got, sample_frames(whole, *args))  # same frames as from the whole clip
+        assert stacked == [args[0]]  # only the sampled frames were ever stacked
+    assert decoded[0] == 11  # with a stride, decoding stopped at the last frame kept (frame 10)
+    with pytest.raises(ValueError, match="has 12 frames but 4 frames every 4 from frame 0 need 13"):
+        prepare_reference(path, 4, 16, 16, 0, 4)
+    with pytest.raises(ValueError, match="has 12 frames but 13 are requested"):
+        prepare_reference(path, 13, 16, 16)
+
+
+def test_gif_frame_durations_become_a_constant_rate(tmp_path):
+    video = _ramp_video(frames=3, height=8, width=8)
+    Image.fromarray(video[0]).save(tmp_path / "vfr.gif", save_all=True, loop=0, duration=[100, 300, 100],
+                                   append_images=[Image.fromarray(v) for v in video[1:]])
+    back = load_video(tmp_path / "vfr.gif")
+    assert back.shape[0] == 5  # 100 ms, 3 x 100 ms, 100 ms
+    assert torch.equal(back[1], back[2]) and torch.equal(back[2], back[3]) and not torch.equal(back[0], back[1])
+    # a gif written with identical consecutive frames stores them as one longer frame; read back with other frames,
+    # its duration makes it count as many frames again
+    frames = np.concatenate([np.repeat(video[:1], 3, axis=0), video[1:]])
+    write_video(frames, tmp_path / "held.gif", fps=10)
+    torch.testing.assert_close(load_video(tmp_path / "held.gif"), _frames_as_video(frames), atol=0.02, rtol=0)
+
+
+def test_array_sources_single_image_and_views():
+    video = _ramp_video(frames=4, height=8, width=8)
+    torch.testing.assert_close(load_video(video[::-1]), _frames_as_video(video[::-1].copy()))  # negative strides
+    with pytest.raises(VideoReadError, match=r"a single \(H, W, C\) image"):
+        load_video(video[0])
+
+
+def test_written_files_get_new_file_permissions_and_nan_frames_fail(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = write_video(_ramp_video(frames=2, height=8, width=8), tmp_path / "clip.gif")
+        assert (path.stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(umask)
+    frames = np.full((2, 8, 8, 3), 0.5, dtype=np.float32)
+    frames[1, 3, 3, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        write_video(frames, tmp_path / "nan.mp4")
+    assert not (tmp_path / "nan.mp4").exists()

@@ -22,6 +22,8 @@ def _int_triple(text: str):
         raise argparse.ArgumentTypeError(f"expected three comma-separated ints such as 1,8,8, got {text!r}") from None
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"expected three comma-separated ints such as 1,8,8, got {text!r}")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every entry must be >= 1, got {text!r}")
     return values
 
 
@@ -113,12 +115,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve_device_dtype(args):
+    """(torch.device, weights dtype); a ValueError for a device string torch does not parse or one that is absent."""
     import torch
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise ValueError(f"--device {args.device!r} is not a torch device (e.g. cuda, cuda:1, cpu): {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} needs CUDA, which this torch build or machine does not have")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = names.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return device, dtype
+
+
+def _check_output(out: str) -> None:
+    """--out's folder must be a writable folder, or creatable in one (checked before anything loads)."""
+    import os
+    from pathlib import Path
+
+    folder = Path(out).absolute().parent
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out!r}: the folder {str(existing)!r} is not writable")
 
 
 def _build_config(args):
@@ -172,10 +197,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         if Path(args.out).suffix.lower() not in WRITE_SUFFIXES:
             raise ValueError(f"--out must end with one of {WRITE_SUFFIXES}, got {args.out!r}")
+        _check_output(args.out)
         config = _build_config(args)
-        for name in ("height", "width", "num_frames", "steps"):
+        for name in ("height", "width", "num_frames", "steps", "fps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.local_attention == "none" and (args.local_tile or args.local_window):
+            raise ValueError("--local-tile / --local-window set the local attention of --local-attention "
+                             f"{'|'.join(LOCAL_ATTENTION_CHOICES[1:])}, which is not given (default none)")
+        device, dtype = _resolve_device_dtype(args)
         reference = prepare_reference(args.reference, args.num_frames, args.height, args.width,
                                       args.reference_start, args.reference_stride)
         image = last_image = None
@@ -196,7 +226,6 @@ def run(args: argparse.Namespace) -> int:
     from fastvmt.pipeline import FastVMTPipeline
     from fastvmt.processors import DEFAULT_LOCAL_TILE, DEFAULT_LOCAL_WINDOW, apply_local_attention
 
-    device, dtype = _resolve_device_dtype(args)
     start = time.perf_counter()
     pipeline_class = FastVMTPipeline if image is None else FastVMTImageToVideoPipeline
     try:
@@ -244,7 +273,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"fastvmt transfer: error: {exc}", file=sys.stderr)
         return 2
-    path = write_video(frames, args.out, fps=args.fps)
+    try:
+        path = write_video(frames, args.out, fps=args.fps)
+    except (OSError, ValueError) as exc:  # e.g. the disk filled up, or the folder went away meanwhile
+        print(f"fastvmt transfer: error: the video was generated but could not be written: {exc}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - start
     print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}) in {seconds:.1f} s")
     return 0

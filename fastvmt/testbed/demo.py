@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Dict, List
 
 VIEW_UPSCALE = 8
@@ -52,12 +53,16 @@ def default_reference(frames: int = 8, size: int = 16):
 
 def user_reference(path: str, frames: int = 8, size: int = 16):
     """A user's clip resized to the testbed size. Returns (video (3, F, H, W) in [-1, 1], foreground trajectory)."""
-    from fastvmt.video_io import prepare_reference
+    from fastvmt.video_io import load_video, resize_video, sample_frames
 
     from .metrics import foreground_trajectory
 
-    frames = prepare_reference(path, frames, size, size)  # (F, 3, H, W) in [0, 1]
-    video = frames.permute(1, 0, 2, 3).float() * 2.0 - 1.0
+    clip = load_video(path)
+    if clip.shape[0] < frames:
+        raise ValueError(f"the testbed model makes {frames}-frame videos, so --reference needs at least {frames} "
+                         f"frames; {path!r} has {clip.shape[0]}")
+    video = resize_video(sample_frames(clip, frames), size, size)  # (F, 3, H, W) in [0, 1]
+    video = video.permute(1, 0, 2, 3).float() * 2.0 - 1.0
     return video, foreground_trajectory(video)
 
 
@@ -132,7 +137,16 @@ def verdict(results: Dict[str, Dict], chance: Dict[str, float]) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run every requested method, write the videos, strip, metrics.json and print the scores."""
+    """Run every requested method, write the videos, strip, metrics.json and print the scores; bad input (exit 2)
+    prints what was wrong."""
+    try:
+        return _run(args)
+    except ValueError as exc:  # VideoReadError too
+        print(f"fastvmt demo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
