@@ -32,7 +32,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark==5.3.1", "matplotlib"],
+        # peft: the LoRA tests (diffusers loads LoRAs through it)
+        "test": ["pytest", "pytest-benchmark==5.3.1", "matplotlib", "peft==0.21.2"],
         "bench": ["pytest-benchmark==5.3.1", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastvmt=fastvmt.cli:main"]},

@@ -165,6 +165,9 @@ class MotionTransferConfig:
         need_positive("window_weight", allow_zero=True)
         if self.amf_weight == 0 and self.window_weight == 0:
             raise ValueError("amf_weight and window_weight are both 0: the guidance loss would be identically zero")
+        if self.recipe == "fastvmt" and self.amf_weight == 0 and self.span <= 2:
+            raise ValueError(f"amf_weight is 0 and span is {self.span}: the window loss compares windows of successive "
+                             "target frames j > i, which needs span >= 3, so the guidance loss would be identically zero")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.head_reduce not in HEAD_REDUCTIONS:
@@ -201,12 +204,15 @@ class MotionTransferConfig:
         """True when the reference pass uses one fixed noise level (its flow is then computed once)."""
         return self.reference_noise != REFERENCE_CURRENT_T
 
-    def learning_rate(self, guided_index: int, iteration: int) -> float:
-        """Learning rate of inner ``iteration`` (0-based) at guided step ``guided_index`` (0-based)."""
+    def learning_rate(self, guided_index: int, iteration: int, guided_total: Optional[int] = None) -> float:
+        """Learning rate of inner ``iteration`` (0-based) at guided step ``guided_index`` (0-based) of
+        ``guided_total`` guided steps (default ``guided_steps``; fewer when the run has fewer denoising steps, e.g.
+        ``init_latent="reference"``: "across_steps" then still ends at ``lr_end``)."""
         if self.lr_schedule == "within_step":
             frac = iteration / (self.inner_iters - 1) if self.inner_iters > 1 else 0.0
         else:
-            frac = guided_index / (self.guided_steps - 1) if self.guided_steps > 1 else 0.0
+            total = self.guided_steps if guided_total is None else guided_total
+            frac = guided_index / (total - 1) if total > 1 else 0.0
         return self.lr_start + (self.lr_end - self.lr_start) * frac
 
     def computes_gradient(self, iteration: int, has_cached_gradient: bool) -> bool:

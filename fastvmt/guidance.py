@@ -54,6 +54,7 @@ def guidance_step(
     *,
     step_index: int,
     guided_index: int,
+    guided_total: Optional[int] = None,
     progress=None,
 ) -> torch.Tensor:
     """Optimise ``latents`` for one guided denoising step and return them in their dtype.
@@ -63,7 +64,8 @@ def guidance_step(
         loss_fn: builds the guidance loss of a latent (truncated passes inside).
         config: the motion-transfer settings (schedule, optimiser, reuse).
         state: per-video :class:`GuidanceState` (cached gradient, history), updated in place.
-        step_index: denoising step index (for the history); guided_index: 0-based guided step.
+        step_index: denoising step index (for the history); guided_index: 0-based guided step of ``guided_total``
+            guided steps in this run (default ``config.guided_steps``; the "across_steps" learning-rate schedule).
         progress: optional progress bar with ``update()``.
     """
     from fastvmt_kernels import fused_adamw_step
@@ -73,7 +75,7 @@ def guidance_step(
     exp_avg_sq = torch.zeros_like(master)
     beta1, beta2 = config.betas
     for iteration in range(config.inner_iters):
-        lr = config.learning_rate(guided_index, iteration)
+        lr = config.learning_rate(guided_index, iteration, guided_total)
         record: Dict[str, float] = dict(step=step_index, guided_step=guided_index, iteration=iteration, lr=lr)
         computed = config.computes_gradient(iteration, state.cached_gradient is not None)
         if computed:

@@ -35,15 +35,32 @@ class MotionFlow:
     key: Optional[torch.Tensor] = None
 
 
-def _in_phase(phase: str, layer, *args):
-    """``layer(*args)`` under attention phase ``phase``.
+@contextlib.contextmanager
+def _lora_scaled(module: torch.nn.Module, scale: float):
+    """Inside the block, the PEFT LoRA layers of ``module`` run at ``scale`` (what ``forward``'s
+    ``attention_kwargs={"scale": s}`` does for the whole transformer)."""
+    from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+
+    if not USE_PEFT_BACKEND or scale == 1.0:
+        yield
+        return
+    scale_lora_layers(module, scale)
+    try:
+        yield
+    finally:
+        unscale_lora_layers(module, scale)
+
+
+def _in_phase(phase: str, lora_scale: float, layer, *args):
+    """``layer(*args)`` under attention phase ``phase``, with its LoRA layers at ``lora_scale``.
 
     Checkpointed blocks are recomputed inside backward, which on CUDA runs in autograd's device thread, where the
-    (thread-local) phase marker of the forward is not set: the recomputation must re-enter the forward's phase, or a
-    phase-selective processor (``apply_local_attention(phases="guidance")``) would recompute with a different
-    attention than the forward saved.
+    (thread-local) phase marker of the forward is not set, and after the forward has left any scaling context: the
+    recomputation must re-enter the forward's phase and LoRA scale, or a phase-selective processor
+    (``apply_local_attention(phases="guidance")``) or a scaled LoRA would recompute something else than the forward
+    saved.
     """
-    with attention_phase(phase):
+    with attention_phase(phase), _lora_scaled(layer, lora_scale):
         return layer(*args)
 
 
@@ -57,29 +74,33 @@ def _enter_offload_hook(module) -> None:
 
 
 def _run_blocks_manually(
-    transformer, latents, timestep, encoder_hidden_states, block, use_checkpoint, encoder_hidden_states_image=None
+    transformer, latents, timestep, encoder_hidden_states, block, use_checkpoint, encoder_hidden_states_image=None,
+    lora_scale: float = 1.0,
 ) -> None:
-    """Wan's forward preamble, blocks [0, block) (optionally checkpointed), then ``block`` (which stops)."""
+    """Wan's forward preamble, blocks [0, block) (optionally checkpointed), then ``block`` (which stops); LoRA
+    layers at ``lora_scale`` (``attention_kwargs["scale"]``, as ``forward`` applies it), also when recomputed."""
     if timestep.ndim not in (1, 2):
         raise ValueError(f"timesteps must be (B,) or per token (B, L), got shape {tuple(timestep.shape)}")
     _enter_offload_hook(transformer)
     rotary_emb = transformer.rope(latents)
-    hidden = transformer.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
-    per_token = timestep.ndim == 2  # Wan2.2 TI2V image-to-video: the clean first frame's tokens at timestep 0
-    _, timestep_proj, text, image = transformer.condition_embedder(
-        timestep.flatten() if per_token else timestep, encoder_hidden_states, encoder_hidden_states_image,
-        timestep_seq_len=timestep.shape[1] if per_token else None,
-    )
+    with _lora_scaled(transformer.patch_embedding, lora_scale), _lora_scaled(transformer.condition_embedder, lora_scale):
+        hidden = transformer.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+        per_token = timestep.ndim == 2  # Wan2.2 TI2V image-to-video: the clean first frame's tokens at timestep 0
+        _, timestep_proj, text, image = transformer.condition_embedder(
+            timestep.flatten() if per_token else timestep, encoder_hidden_states, encoder_hidden_states_image,
+            timestep_seq_len=timestep.shape[1] if per_token else None,
+        )
     timestep_proj = timestep_proj.unflatten(2 if per_token else 1, (6, -1))
     if image is not None:  # image-to-video: the cross-attention context is [image tokens, text tokens]
         text = torch.concat([image, text], dim=1)
     phase = current_phase()
     for layer in transformer.blocks[:block]:
+        args = (phase, lora_scale, layer, hidden, text, timestep_proj, rotary_emb)
         if use_checkpoint and torch.is_grad_enabled():
-            hidden = _checkpoint(_in_phase, phase, layer, hidden, text, timestep_proj, rotary_emb, use_reentrant=False)
+            hidden = _checkpoint(_in_phase, *args, use_reentrant=False)
         else:
-            hidden = layer(hidden, text, timestep_proj, rotary_emb)
-    transformer.blocks[block](hidden, text, timestep_proj, rotary_emb)
+            hidden = _in_phase(*args)
+    _in_phase(phase, lora_scale, transformer.blocks[block], hidden, text, timestep_proj, rotary_emb)
 
 
 @contextlib.contextmanager
@@ -124,8 +145,9 @@ def truncated_qk(
         encoder_hidden_states: (B, T, text_dim) prompt embeddings.
         encoder_hidden_states_image: (B, T_img, image_dim) image-encoder embeddings (Wan2.1 I2V), or None.
         block: motion block index.
-        gradient_checkpointing: recompute blocks [0, block) in backward (runs the blocks directly); otherwise the pass
-            goes through ``transformer.forward`` unchanged (hooks, LoRA scale, attention kwargs apply).
+        gradient_checkpointing: recompute blocks [0, block) in backward (runs the blocks directly, with the LoRA
+            scale ``attention_kwargs["scale"]`` applied as ``forward`` does, also in the recomputation); otherwise the
+            pass goes through ``transformer.forward`` unchanged (hooks, LoRA scale, attention kwargs apply).
 
     Returns:
         q, k: (B, F', S, heads, head_dim), F' latent frames after temporal patching, S = Hg * Wg tokens per frame.
@@ -137,7 +159,8 @@ def truncated_qk(
             if gradient_checkpointing:
                 set_token_grid(transformer, latents.shape)
                 _run_blocks_manually(
-                    transformer, latents, timestep, encoder_hidden_states, block, True, encoder_hidden_states_image
+                    transformer, latents, timestep, encoder_hidden_states, block, True, encoder_hidden_states_image,
+                    lora_scale=float((attention_kwargs or {}).get("scale", 1.0)),
                 )
             else:
                 saved_flag = getattr(transformer, "gradient_checkpointing", False)

@@ -50,6 +50,22 @@ def _frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def _caches_disabled(module: torch.nn.Module) -> Iterator[None]:
+    """Turn off a diffusers cache (``enable_cache``: first-block cache, MagCache, ...) for the block, then turn it on
+    again (with fresh state). Guidance passes must run every block: a cache that skips blocks would return stale
+    outputs and no gradient through them, and its hooks need a ``cache_context`` that truncated passes do not set."""
+    config = getattr(module, "_cache_config", None) if getattr(module, "is_cache_enabled", False) else None
+    if config is None:
+        yield
+        return
+    module.disable_cache()
+    try:
+        yield
+    finally:
+        module.enable_cache(config)
+
+
 class FastVMTPipeline(WanPipeline):
     """Wan text-to-video with motion transfer from a reference video (FastVMT / DiTFlow recipes): Wan2.1, Wan2.2's
     two experts (A14B: ``transformer_2``, ``boundary_ratio``) and Wan2.2 TI2V-5B as text-to-video
@@ -391,7 +407,9 @@ class FastVMTPipeline(WanPipeline):
             if guidance_scale > 1.0:
                 noise_uncond = predict("uncond", negative_prompt_embeds)
                 noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
-        return self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        # fp32 model output: FlowMatchEulerDiscreteScheduler returns the output's dtype, and bf16 latents would lose
+        # part of each guidance update (~5% on average) when the fp32 master latent is cast back to them.
+        return self.scheduler.step(noise_pred.float(), t, latents, return_dict=False)[0]
 
     def default_text_length(self) -> int:
         """Text tokens the model was trained with: ``min(512, tokenizer.model_max_length)`` (512 without a tokenizer)."""
@@ -463,14 +481,21 @@ class FastVMTPipeline(WanPipeline):
         grid = self.latent_geometry(num_frames, height, width)
         self.check_inputs(
             prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
-            callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs, guidance_scale_2,
         )
         guided = reference_video is not None and config.guided_steps > 0
         if reference_video is not None:
             self._check_motion_config(config, grid)
             reference = prepare_reference(reference_video, num_frames, height, width)  # (F, 3, H, W) in [0, 1]
-        if self.text_encoder is None and (prompt_embeds is None or (guided and reference_prompt_embeds is None)):
-            raise ValueError("this pipeline has no text encoder: pass prompt_embeds (and reference_prompt_embeds)")
+        if self.text_encoder is None and (
+            prompt_embeds is None
+            or (guided and reference_prompt_embeds is None)
+            or (guidance_scale > 1.0 and negative_prompt_embeds is None)
+        ):
+            raise ValueError(
+                "this pipeline has no text encoder: pass prompt_embeds, negative_prompt_embeds when guidance_scale > 1 "
+                "(classifier-free guidance), and reference_prompt_embeds with a reference video"
+            )
 
         self._guidance_scale = guidance_scale
         self._guidance_scale_2 = guidance_scale_2
@@ -481,6 +506,8 @@ class FastVMTPipeline(WanPipeline):
         self._interrupt = False
         device = self._execution_device
         dtype = self.transformer.dtype
+        # encode_prompt repeats the embeddings it computes num_videos_per_prompt times, not the ones it is given.
+        given = {"prompt": prompt_embeds is not None, "negative": negative_prompt_embeds is not None}
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -491,6 +518,10 @@ class FastVMTPipeline(WanPipeline):
             max_sequence_length=max_sequence_length,
             device=device,
         )
+        if given["prompt"]:
+            prompt_embeds = prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+        if given["negative"] and negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
         prompt_embeds = prompt_embeds.to(dtype)
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(dtype)
@@ -553,7 +584,7 @@ class FastVMTPipeline(WanPipeline):
                 self._current_timestep = t
                 if i < num_guided:
                     model = self.expert(t)
-                    with attention_phase("guidance"), _frozen_parameters(model):
+                    with attention_phase("guidance"), _frozen_parameters(model), _caches_disabled(model):
                         if config.reference_is_fixed:
                             if id(model) not in fixed_references:
                                 fixed_references[id(model)] = self.reference_flow(
@@ -562,7 +593,8 @@ class FastVMTPipeline(WanPipeline):
                                 )
                             ref = fixed_references[id(model)]
                         else:
-                            sigma = float(self.scheduler.sigmas[(start + i) * self.scheduler.order])
+                            # timesteps[i] is sub-step start * order + i of the scheduler's (order-expanded) list
+                            sigma = float(self.scheduler.sigmas[start * self.scheduler.order + i])
                             ref = self.reference_flow(
                                 reference_latents, reference_noise, sigma, reference_prompt_embeds, config,
                                 attention_kwargs, transformer=model,
@@ -571,7 +603,8 @@ class FastVMTPipeline(WanPipeline):
                             ref, t.expand(total_batch), prompt_embeds, config, attention_kwargs, transformer=model
                         )
                         latents = guidance_step(
-                            latents, loss_fn, config, state, step_index=i, guided_index=i, progress=guidance_bar
+                            latents, loss_fn, config, state, step_index=i, guided_index=i, guided_total=num_guided,
+                            progress=guidance_bar,
                         )
                 latents = self.denoise_step(
                     latents, t, i, prompt_embeds, negative_prompt_embeds, guidance_scale, attention_kwargs,

@@ -253,8 +253,8 @@ def _track_token_grid(transformer, read_grid) -> _TokenGrid:
 
     def pre_forward(module, args, kwargs):
         grid = read_grid(module, args, kwargs)
-        if grid is not None:
-            holder.value = grid
+        if grid is not None:  # the holder of the module called: a deep copy's own (hooks are not copied deeply)
+            getattr(module, GRID_ATTRIBUTE).value = grid
 
     holder.hook = transformer.register_forward_pre_hook(pre_forward, with_kwargs=True)
     setattr(transformer, GRID_ATTRIBUTE, holder)

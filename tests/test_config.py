@@ -71,6 +71,7 @@ def test_gradient_reuse_pattern():
         (dict(reference_noise="t0"), "reference_noise must be"),
         (dict(betas=(0.9, 1.0)), "betas must be two numbers"),
         (dict(amf_weight=0.0, window_weight=0.0), "both 0"),
+        (dict(amf_weight=0.0, span=2), "needs span >= 3"),
         (dict(kernel_backend="cuda"), "kernel_backend must be one of"),
         (dict(gradient_checkpointing="yes"), "gradient_checkpointing must be a bool or 'auto'"),
     ],

@@ -143,6 +143,20 @@ def test_small_window_changes_output_and_restore(transformer):
     assert torch.equal(restored, dense)
 
 
+def test_a_deep_copy_tracks_its_own_token_grid(transformer):
+    import copy
+
+    apply_local_attention(transformer, tile=(1, 2, 2), window=(1, 1, 1), backend="torch")
+    twin = copy.deepcopy(transformer)
+    small, large = _inputs(frames=2, height=6, width=8), _inputs(frames=3, height=10, width=12)
+    with torch.no_grad():
+        _forward(transformer, *small)  # the original's grid is now (2, 3, 4)
+        want = _forward(transformer, *large)
+        _forward(transformer, *small)
+        got = _forward(twin, *large)  # raised, or ran on (2, 3, 4), when the copy's hook fed the original's grid
+    assert torch.equal(got, want)
+
+
 def test_local_backend_matches_torch_reference_backend(transformer):
     """The processor's output with the Triton kernel (interpreter on CPU) equals the torch reference backend."""
     pytest.importorskip("fastvmt_kernels.local_attention.op")
