@@ -40,6 +40,8 @@ HIGH_BIT_MAX = 65535.0
 MAX_GIF_FRAME_REPEAT = 64
 # GIF stores delays in 1/100 s, and browsers show delays under 20 ms as 100 ms.
 GIF_MAX_FPS = 50
+# Float frames may overshoot [0, 1] by this much (rounding in the caller's processing); they are clamped.
+FLOAT_RANGE_SLACK = 1e-3
 # Frames converted to float and resized at once by resize_video (bounds its float memory).
 RESIZE_CHUNK = 16
 
@@ -80,10 +82,11 @@ def _video_tensor(array: Union[np.ndarray, torch.Tensor], what: str, keep_uint8:
         video = video.float()
         if torch.isnan(video).any():
             raise VideoReadError(f"{what} contains NaN values")
-        if video.min() < 0 or video.max() > 1:
-            raise VideoReadError(
-                f"{what} float values must lie in [0, 1], got [{video.min().item():.3g}, {video.max().item():.3g}]"
-            )
+        low, high = video.min().item(), video.max().item()
+        if low < -FLOAT_RANGE_SLACK or high > 1 + FLOAT_RANGE_SLACK:
+            raise VideoReadError(f"{what} float values must lie in [0, 1], got [{low:.3g}, {high:.3g}]")
+        if low < 0 or high > 1:  # rounding (e.g. after a resize): clamp
+            video = video.clamp(0, 1)
     else:
         raise VideoReadError(f"{what} must be uint8 or float, got dtype {video.dtype}")
     if video.shape[1] == 1:
@@ -276,7 +279,8 @@ def load_video(source: VideoLike) -> torch.Tensor:
 
     Args:
         source: a path to a video file (mp4, gif, anything ffmpeg reads) or to a folder of image frames (natural
-            name order, hidden files skipped); a list of PIL images; a uint8 or [0, 1] float array / tensor shaped
+            name order, hidden files skipped); a list of PIL images; a uint8 or [0, 1] float (values up to
+            FLOAT_RANGE_SLACK outside are clamped) array / tensor shaped
             (F, H, W, C) or (F, C, H, W) with C in {1, 3, 4} (alpha is dropped, gray is replicated), or (F, H, W).
             16-bit grayscale images are read as value / 65535. A gif with frames of different durations comes out
             at a constant rate (:func:`gif_frame_index`).

@@ -106,6 +106,9 @@ def test_unreadable_empty_and_bad_sources_raise(tmp_path):
         load_video(np.zeros((0, 8, 8, 3), dtype=np.uint8))
     with pytest.raises(VideoReadError, match=r"must lie in \[0, 1\]"):
         load_video(np.full((2, 8, 8, 3), 2.0, dtype=np.float32))
+    rounded = np.full((2, 8, 8, 3), 1.0 + 1e-6, dtype=np.float32)  # rounding past 1 is clamped, not refused
+    rounded[0] = -1e-6
+    assert load_video(rounded).min() == 0 and load_video(rounded).max() == 1
     with pytest.raises(VideoReadError, match="must have 4 dims"):
         load_video(np.zeros((8, 8), dtype=np.uint8))
     with pytest.raises(VideoReadError, match="must be a path"):
