@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_backend
+from .device_limits import device_guard
 
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
@@ -110,21 +111,26 @@ def fused_adamw_step(
     if use_triton and param.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {param.device}")
     if not use_triton:
-        g = grad.float()
-        param.mul_(decay)
-        exp_avg.lerp_(g, 1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+        with torch.no_grad():  # an optimiser step: param may be a leaf that requires grad (an nn.Parameter)
+            g = grad.float()
+            param.mul_(decay)
+            exp_avg.lerp_(g, 1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            param.addcdiv_(exp_avg, denom, value=-step_size)
         return
     numel = param.numel()
     if numel == 0:
         return
-    _adamw_kernel[(triton.cdiv(numel, BLOCK_SIZE),)](
-        param, grad, exp_avg, exp_avg_sq, numel,
-        decay, beta1, beta2, 1.0 - beta1, 1.0 - beta2, step_size, 1.0 / bias_correction2_sqrt, eps,
-        BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
-    )
+    with device_guard(param):
+        _adamw_kernel[(triton.cdiv(numel, BLOCK_SIZE),)](
+            param, grad, exp_avg, exp_avg_sq, numel,
+            decay, beta1, beta2, 1.0 - beta1, 1.0 - beta2, step_size, 1.0 / bias_correction2_sqrt, eps,
+            BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
+        )
+    # Written behind autograd's back: bump the version counters as an in-place torch op would, so a graph that
+    # saved these tensors before the step fails loudly in backward instead of using the new values.
+    torch.autograd.graph.increment_version([t for t in (param, exp_avg, exp_avg_sq) if not t.is_inference()])
 
 
 def inspect_specs(shared_memory: Optional[int] = None):

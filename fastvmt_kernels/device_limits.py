@@ -1,6 +1,7 @@
 """Per-device hardware limits that pick launch configurations (shared memory per block)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -36,3 +37,9 @@ def shared_memory_per_block(device: torch.device) -> int:
 def has_hopper_shared_memory(device: torch.device) -> bool:
     """Whether ``device`` offers a thread block at least Hopper's shared memory (227 KiB)."""
     return shared_memory_per_block(device) >= HOPPER_SHARED_MEMORY_PER_BLOCK
+
+
+def device_guard(tensor: torch.Tensor):
+    """A context that makes ``tensor``'s CUDA device the current one (Triton launches on the current device: a
+    tensor on ``cuda:1`` while ``cuda:0`` is current would be read from the wrong GPU); a no-op for CPU tensors."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()

@@ -69,6 +69,23 @@ def test_bf16_gradient_is_upcast(device):
     assert_params_close(param, expected[0], param0, "bf16-grad update")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_parameter_that_requires_grad_is_updated_and_its_version_bumped(backend, device):
+    """An nn.Parameter (a leaf that requires grad) steps like torch.optim.AdamW on both backends (the torch path
+    raised "a leaf Variable that requires grad is being used in an in-place operation"), and the in-place update
+    bumps its version counter, so a graph that saved it before the step cannot silently use the new values."""
+    if backend == "torch":
+        device = torch.device("cpu")
+    param0 = torch.randn(300, device=device)
+    grad = torch.randn(300, device=device)
+    expected, _, _ = _run_torch_optim(param0, [grad], [0.01], weight_decay=0.01)
+    param = torch.nn.Parameter(param0.clone())
+    version = param._version
+    fused_adamw_step(param, grad, torch.zeros_like(param0), torch.zeros_like(param0), 1, lr=0.01, backend=backend)
+    assert param._version > version
+    assert_params_close(param.detach(), expected[0], param0, f"{backend} update of a Parameter")
+
+
 @pytest.mark.parametrize(
     "change,match",
     [

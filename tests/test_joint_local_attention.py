@@ -158,3 +158,15 @@ def test_traces_under_torch_compile_fullgraph(device):
     assert_rel_close(loss, ref, 1e-6, "loss")
     for name, g, e in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_rel_close(g, e, 1e-5, name)
+
+
+def test_video_queries_stay_fp32_under_autocast():
+    """The video queries' attention (local part and the global keys' part merged with it) computes in fp32 even
+    inside an autocast region; the global queries' dense SDPA follows autocast like any attention of the model."""
+    grid, tile, window, num_global = (2, 3, 4), (1, 2, 2), (1, 1, 1), 5
+    q, k, v = (torch.randn(1, num_global + 24, 2, 16) for _ in range(3))
+    kwargs = dict(num_global=num_global, backend="torch")
+    plain = joint_local_attention(q, k, v, grid, tile, window, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = joint_local_attention(q, k, v, grid, tile, window, **kwargs)
+    assert_rel_close(autocast[:, num_global:].float(), plain[:, num_global:], 1e-6, "video rows under autocast")

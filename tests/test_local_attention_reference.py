@@ -65,6 +65,8 @@ def test_window_covering_grid_is_dense_sdpa():
         (dict(grid=(2, 3, 4), tile=(1, 1, 1), window=(1, 1, 1), q_shape=(24, 2, 16)), "q must have 4 dims"),
         (dict(grid=(2, 3, 4), tile=(1, 1, 1), window=(1, 1, 1), k_dtype=torch.float16), "must share one dtype"),
         (dict(grid=(2, 3, 4), tile=(1, 1, 1), window=(1, 1, 1), backend="cuda"), "backend must be one of"),
+        (dict(grid=(2, 3, 4), tile=(1, 1, 1), window=(1, 1, 1), scale=True), "scale must be a positive finite"),
+        (dict(grid=(2, 3, 4), tile=(1, 1, 1), window=(1, 1, 1), scale=float("inf")), "scale must be a positive finite"),
     ],
 )
 def test_bad_input_raises_clear_error(kwargs, match):
@@ -75,3 +77,20 @@ def test_bad_input_raises_clear_error(kwargs, match):
     v = torch.randn(q_shape)
     with pytest.raises(ValueError, match=match):
         local_attention(q, k, v, **kwargs)
+
+
+def test_reference_math_stays_fp32_under_autocast():
+    """The chunked reference computes in fp32 even inside an autocast region (whose einsums would run in bf16)."""
+    q, k, v = (torch.randn(1, 24, 2, 16) for _ in range(3))
+    plain, plain_lse = local_attention(q, k, v, (2, 3, 4), (1, 2, 2), (1, 1, 1), backend="torch", return_lse=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, lse = local_attention(q, k, v, (2, 3, 4), (1, 2, 2), (1, 1, 1), backend="torch", return_lse=True)
+    assert_rel_close(out, plain, 1e-6, "out under autocast")  # was 8e-3 off
+    assert_rel_close(lse, plain_lse, 1e-6, "lse under autocast")
+
+
+@pytest.mark.parametrize("shape", [(0, 24, 2, 16), (1, 24, 0, 16)])
+def test_empty_batch_or_no_heads_gives_empty_outputs(shape):
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    out, lse = local_attention(q, k, v, (2, 3, 4), (1, 2, 2), (1, 1, 1), backend="torch", return_lse=True)
+    assert out.shape == shape and lse.shape == (shape[0], shape[2], 24)  # was a ZeroDivisionError

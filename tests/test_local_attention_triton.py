@@ -137,6 +137,36 @@ def test_views_past_the_int32_row_range_are_copied_and_outputs_rejected(device, 
                           out=packed_out)
 
 
+def test_head_strides_past_the_int32_range_are_indexed_in_int64(device):
+    """Rows are int32 offsets from int64 batch and head bases: a head-major view (e.g. ``x.view(H, B, L, D)``
+    permuted to (B, L, H, D)) whose head offset h * stride(2) passes 2**31 elements must still read each head's own
+    rows (forward and gradients against the reference on contiguous copies). The storage is 8 GiB of virtual memory
+    of which only the viewed rows are written (lazily committed pages on the CPU); the view starts 2**31 elements in,
+    so that a head offset wrapped to a negative int32 still lands inside it (wrong rows, not a crash)."""
+    grid, tile, window = (1, 4, 4), (1, 4, 4), (1, 1, 1)
+    seq, h, d = 16, 3, 16
+    head_stride, start = 2**30 + 256, 2**31  # head 2 starts 2**31 + 512 elements past head 0
+    try:
+        storage = torch.empty(start + 2 * head_stride + seq * d, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve the 8 GiB of address space this view needs")
+    q = storage.as_strided((1, seq, h, d), (0, d, head_stride, 1), start)
+    q.copy_(torch.randn(1, seq, h, d, device=device))
+    q.requires_grad_()
+    k, v = (torch.randn(1, seq, h, d, device=device, dtype=torch.float16).requires_grad_() for _ in range(2))
+    assert op._rows_view(q) is q  # read in place: its row offsets fit in int32, its head offsets do not
+    out = local_attention(q, k, v, grid, tile, window, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    dense = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    ref, _ = local_attention_reference(*dense, TileLayout.create(grid, tile, window))
+    ref_grads = torch.autograd.grad(ref, dense, dout)
+    for head in range(h):  # before the fix head 2 read rows 2**32 elements too early: relative error ~0.7
+        assert_rel_close(out[:, :, head], ref[:, :, head], REL_TOL[torch.float16], f"out head {head}")
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert_rel_close(got, want, 2 * REL_TOL[torch.float16], f"d{name}")
+
+
 def test_too_many_tokens_for_int32_rows_is_refused():
     """L * H * D beyond int32 is refused before any launch (a zero-stride expanded tensor: no memory)."""
     grid, tile, window = (2, 256, 257), (1, 16, 16), (1, 1, 1)

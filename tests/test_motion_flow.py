@@ -396,9 +396,37 @@ def test_torch_compile_fullgraph_matches_eager(device):
         assert_rel_close(got, want, 1e-6, f"compiled {name}")
 
 
+def test_given_windows_trace_under_torch_compile_fullgraph(device):
+    """With ``windows=`` the eager range check reads the origins back to the host, which a graph cannot; compiled,
+    the origins are clamped instead (as the kernels clamp them), and in-range ones give the eager results."""
+    q, k = _inputs((1, 3, 20, 16), torch.float32, device)
+    kwargs = dict(tile=(2, 2), window=3, span=2, backend="triton")
+    _, _, windows = motion_flow(q.detach(), k.detach(), (4, 5), return_windows=True, **kwargs)
+
+    def loss(a, b, w):
+        return (motion_flow(a, b, (4, 5), windows=w, **kwargs)[0] ** 2).sum()
+
+    eager = loss(q, k, windows)
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)(q, k, windows)
+    assert_rel_close(compiled.detach(), eager.detach(), 1e-6, "compiled loss with given windows")
+    for name, got, want in zip(("dq", "dk"), torch.autograd.grad(compiled, (q, k)), torch.autograd.grad(eager, (q, k))):
+        assert_rel_close(got, want, 1e-6, f"compiled {name} with given windows")
+
+
+def test_reference_math_stays_fp32_under_autocast():
+    """The torch backend computes in fp32 even inside an autocast region (whose einsums would run in bf16)."""
+    q, k = (torch.randn(1, 3, 20, 16) for _ in range(2))
+    kwargs = dict(tile=(2, 2), window=3, span=2, backend="torch")
+    plain = motion_flow(q, k, (4, 5), **kwargs)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = motion_flow(q, k, (4, 5), **kwargs)[0]
+    assert_rel_close(autocast, plain, 1e-6, "flow under autocast")  # was 3e-3 off
+
+
 @pytest.mark.parametrize(
     "change,match",
     [
+        (dict(temperature=float("inf")), "temperature must be a positive finite float"),
         (dict(window=0), "window entries must be >= 1"),
         (dict(span=0), "span must be an int >= 1"),
         (dict(frame_shape=(4, 4)), "frame_shape .* has 16 tokens but q has S = 20"),
@@ -407,7 +435,7 @@ def test_torch_compile_fullgraph_matches_eager(device):
         (dict(k=torch.zeros(1, 2, 20, 32)), "same shape"),
         (dict(head_reduce="mean_flow"), "needs per-head q, k"),
         (dict(head_reduce="max"), "head_reduce must be one of"),
-        (dict(temperature=0.0), "temperature must be a positive float"),
+        (dict(temperature=0.0), "temperature must be a positive finite float"),
         (dict(tile=(3,)), "tile must be 2 positive ints"),
         (dict(backend="cuda"), "backend must be one of"),
         (dict(q=torch.zeros(1, 2, 20, 24), k=torch.zeros(1, 2, 20, 24), backend="triton"), "D a multiple of 16"),

@@ -1,6 +1,7 @@
 """Public entry point: :func:`local_attention`."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -47,8 +48,9 @@ def local_attention(
     layout = TileLayout.create(grid, tile, window)
     if layout.num_tokens != q.shape[1]:
         raise ValueError(f"grid {layout.grid} has {layout.num_tokens} tokens but q has L = {q.shape[1]}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and 0 < scale < math.inf):
+        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     chosen = resolve_backend(backend, q.device)
     if chosen == "torch":
         out, lse = local_attention_reference(q, k, v, layout, scale)

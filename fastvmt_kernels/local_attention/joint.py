@@ -35,13 +35,15 @@ def _video_to_global(q_video, k_glob, v_glob, key_mask, scale):
     """
     k_f, v_f = k_glob.float(), v_glob.float()
     outs, lses = [], []
-    for start in range(0, q_video.shape[1], GLOBAL_QUERY_CHUNK):
-        logits = torch.einsum("blhd,bghd->bhlg", q_video[:, start : start + GLOBAL_QUERY_CHUNK].float(), k_f) * scale
-        if key_mask is not None:
-            logits = logits.masked_fill(~key_mask[:, None, None, :], _MASKED_LOGIT)
-        lse = logits.logsumexp(-1)
-        outs.append(torch.einsum("bhlg,bghd->blhd", (logits - lse[..., None]).exp(), v_f))
-        lses.append(lse)
+    with torch.autocast(q_video.device.type, enabled=False):  # fp32 also in an autocast region
+        for start in range(0, q_video.shape[1], GLOBAL_QUERY_CHUNK):
+            q_f = q_video[:, start : start + GLOBAL_QUERY_CHUNK].float()
+            logits = torch.einsum("blhd,bghd->bhlg", q_f, k_f) * scale
+            if key_mask is not None:
+                logits = logits.masked_fill(~key_mask[:, None, None, :], _MASKED_LOGIT)
+            lse = logits.logsumexp(-1)
+            outs.append(torch.einsum("bhlg,bghd->blhd", (logits - lse[..., None]).exp(), v_f))
+            lses.append(lse)
     return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
 
 

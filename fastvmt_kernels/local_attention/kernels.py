@@ -278,7 +278,7 @@ def local_attention_fwd_kernel(
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
-    h = bh % H
+    h = (bh % H).to(tl.int64)  # head bases in int64: a head-major view's head stride can pass 2**31 / H
     ct, cy, cx, sub, NT, NY, NX = _program_tile(pid, T, HG, WG, TT, TH, TW, N_SUB_M)
     rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -363,7 +363,7 @@ def local_attention_dq_kernel(
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
-    h = bh % H
+    h = (bh % H).to(tl.int64)  # head bases in int64: a head-major view's head stride can pass 2**31 / H
     ct, cy, cx, sub, NT, NY, NX = _program_tile(pid, T, HG, WG, TT, TH, TW, N_SUB_M)
     rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -454,7 +454,7 @@ def local_attention_dkdv_kernel(
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
-    h = bh % H
+    h = (bh % H).to(tl.int64)  # head bases in int64: a head-major view's head stride can pass 2**31 / H
     ct, cy, cx, sub, NT, NY, NX = _program_tile(pid, T, HG, WG, TT, TH, TW, N_SUB_N)
     rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

@@ -7,14 +7,13 @@ Autograd is registered on the forward op, so gradients flow to q, k, v (and thro
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import List, Optional, Tuple
 
 import torch
 
-from ..device_limits import shared_memory_per_block
+from ..device_limits import device_guard, shared_memory_per_block
 from ..layout import TileLayout
 from . import kernels
 
@@ -39,10 +38,6 @@ def check_device(t: torch.Tensor) -> None:
         f"triton backend got a tensor on {t.device}; accepted: CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
         "set before triton is imported"
     )
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _row_offsets_fit(t: torch.Tensor) -> bool:
@@ -131,7 +126,7 @@ def launch_forward(
     cfg = configs["fwd"]
     block_m, block_n = kernels.block_sizes(cfg, layout.tile_volume)
     grid = (_num_tiles(layout) * math.ceil(layout.tile_volume / block_m), b * h)
-    with _device_guard(q):
+    with device_guard(q):
         kernels.local_attention_fwd_kernel[grid](
             q, k, v, out, lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -179,7 +174,7 @@ def launch_backward(
     tiles = _num_tiles(layout)
     table = _query_range_table(layout, q.device)
     qk_scale = scale * kernels.LOG2E.value
-    with _device_guard(q):
+    with device_guard(q):
         cfg = configs["dq"]
         block_m, block_n = kernels.block_sizes(cfg, layout.tile_volume)
         kernels.local_attention_dq_kernel[(tiles * math.ceil(layout.tile_volume / block_m), b * h)](

@@ -2,7 +2,7 @@
 
 Memory-bounded: queries are processed in chunks, so no (L, L) fp32 map exists for large L; when
 gradients are needed each chunk is recomputed in backward (activation checkpointing), so the
-backward is memory-bounded too.  Arithmetic is fp32 whatever the input dtype.
+backward is memory-bounded too.  Arithmetic is fp32 whatever the input dtype (also under autocast).
 """
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ CHUNK_LOGITS_BYTES = 1 << 28
 
 
 def _chunk(q_chunk: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
-    """Masked softmax attention of a query chunk. q_chunk: (B, R, H, D); k, v: (B, L, H, D); mask: (R, L)."""
-    logits = torch.einsum("brhd,blhd->bhrl", q_chunk.float(), k.float()) * scale
-    logits = logits.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # (B, H, R)
-    probs = torch.exp(logits - lse[..., None])
-    out = torch.einsum("bhrl,blhd->brhd", probs, v.float())
+    """Masked softmax attention of a query chunk. q_chunk: (B, R, H, D); k, v: (B, L, H, D); mask: (R, L).
+    In fp32 also inside an autocast region (which would run the einsums in half precision)."""
+    with torch.autocast(q_chunk.device.type, enabled=False):
+        logits = torch.einsum("brhd,blhd->bhrl", q_chunk.float(), k.float()) * scale
+        logits = logits.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)  # (B, H, R)
+        probs = torch.exp(logits - lse[..., None])
+        out = torch.einsum("bhrl,blhd->brhd", probs, v.float())
     return out, lse
 
 
@@ -49,6 +51,8 @@ def local_attention_reference(
     """
     b, seq, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if b * h == 0:  # an empty batch or no heads: empty outputs (0 * anything rows of work)
+        return q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty(b, h, seq, dtype=torch.float32)
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_LOGITS_BYTES // (4 * b * h * seq))
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

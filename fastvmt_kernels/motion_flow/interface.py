@@ -1,6 +1,7 @@
 """Public entry point: :func:`motion_flow` (coarse-to-fine local attention motion flow, FastVMT's AMF)."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence, Tuple, Union
 
@@ -32,8 +33,8 @@ def _validate(q, k, geo: FlowGeometry, span, temperature, head_reduce) -> None:
         raise ValueError(f"q must not be empty, got shape {tuple(q.shape)}")
     if not isinstance(span, int) or isinstance(span, bool) or span < 1:
         raise ValueError(f"span must be an int >= 1, got {span!r}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
     if head_reduce not in HEAD_REDUCTIONS:
         raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}")
     if rank == 4 and head_reduce != "mean_qk":
@@ -58,6 +59,8 @@ def _validate_windows(windows, q, geo: FlowGeometry, span: int, head_reduce: str
     if windows.device != q.device:
         raise ValueError(f"windows must be on q's device {q.device}, got {windows.device}")
     max_y, max_x = geo.max_origin
+    if torch.compiler.is_compiling():  # a data-dependent check cannot be traced: motion_flow clamps them instead
+        return
     outside = (windows < 0).any() | (windows[..., 0] > max_y).any() | (windows[..., 1] > max_x).any()
     if bool(outside):  # one device-to-host read per call
         raise ValueError(
@@ -142,7 +145,8 @@ def motion_flow(
         windows: optional window origins to use instead of the coarse pass, in the layout ``return_windows`` gives
             (e.g. another video's windows, so that two flows are soft-argmaxes over the same key windows and the
             window-centre bias of the soft argmax cancels between them). int64, on q's device, each origin in
-            ``[0, frame_a - l_a]``.
+            ``[0, frame_a - l_a]`` (checked eagerly with one device-to-host read; inside ``torch.compile``, where
+            the check cannot be traced, clamped into that range).
 
     Returns:
         ``flow`` (B, P, S, 2) float32, (dy, dx) per token of frame i in raster order; ``pairs`` (P, 2) int64 on q's
@@ -154,6 +158,9 @@ def motion_flow(
     _validate(q, k, geo, span, temperature, head_reduce)
     if windows is not None:
         _validate_windows(windows, q, geo, span, head_reduce)
+        if torch.compiler.is_compiling():  # unchecked in a compiled graph: clamp into the frame (as the kernels do)
+            max_y, max_x = geo.max_origin
+            windows = torch.stack((windows[..., 0].clamp(0, max_y), windows[..., 1].clamp(0, max_x)), dim=-1)
     chosen = resolve_backend(backend, q.device)
     if q.dim() == 5 and head_reduce == "mean_qk":
         q, k = q.mean(dim=3), k.mean(dim=3)

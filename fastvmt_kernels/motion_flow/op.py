@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..device_limits import has_hopper_shared_memory
+from ..device_limits import device_guard, has_hopper_shared_memory
 from .geometry import FlowGeometry, PairTable, make_pairs, pair_table
 from .kernels import (
     COARSE_BLOCK_M,
@@ -163,12 +163,13 @@ def _forward(
     p = table.pairs.shape[0]
     flow = torch.empty(b, p, seq, 2, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, p, seq, dtype=torch.float32, device=q.device)
-    if given_windows is None:
-        windows = torch.empty(b, p, geo.num_tiles, 2, dtype=torch.int64, device=q.device)
-        launch_coarse(q, k, table, geo, temperature, windows)
-    else:
-        windows = given_windows.contiguous().clone()
-    launch_fine_forward(q, k, table, windows, geo, temperature, flow, lse)
+    with device_guard(q):
+        if given_windows is None:
+            windows = torch.empty(b, p, geo.num_tiles, 2, dtype=torch.int64, device=q.device)
+            launch_coarse(q, k, table, geo, temperature, windows)
+        else:
+            windows = given_windows.contiguous().clone()
+        launch_fine_forward(q, k, table, windows, geo, temperature, flow, lse)
     return flow, windows, lse
 
 
@@ -208,7 +209,8 @@ def _backward_kernels(
     dq = torch.empty_like(q)
     dk_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     table = pair_table(q.shape[1], span, q.device)
-    launch_fine_backward(grad_flow, q, k, table, windows, flow, lse, geo, temperature, dq, dk_acc)
+    with device_guard(q):
+        launch_fine_backward(grad_flow, q, k, table, windows, flow, lse, geo, temperature, dq, dk_acc)
     return dq, dk_acc.to(k.dtype)
 
 

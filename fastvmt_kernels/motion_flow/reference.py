@@ -36,7 +36,7 @@ def coarse_origins(
     b = q.shape[0]
     if geo.covers_frame:
         return torch.zeros(b, pair_i.numel(), geo.num_tiles, 2, dtype=torch.int64, device=q.device)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):  # fp32 also in an autocast region
         index, valid = geo.tile_tokens(q.device)
         qt = q[:, pair_i].float()[:, :, index]  # (B, C, n_tiles, T, D)
         weights = valid.float() / valid.sum(1, keepdim=True).float()  # (n_tiles, T)
@@ -73,8 +73,9 @@ def fine_flow(
     win_tok = win_pos[..., 0] * geo.frame[1] + win_pos[..., 1]  # (B, C, n, W)
     kj = k[:, pair_j].float()  # (B, C, S, D)
     kw = torch.gather(kj, 2, win_tok.reshape(b, c, -1, 1).expand(-1, -1, -1, dim)).reshape(b, c, n, -1, dim)
-    probs = torch.softmax(torch.einsum("bcntd,bcnwd->bcntw", qt, kw) * logit_scale, dim=-1)
-    expected = probs @ win_pos.float()  # (B, C, n, T, 2)
+    with torch.autocast(q.device.type, enabled=False):  # fp32 also in an autocast region
+        probs = torch.softmax(torch.einsum("bcntd,bcnwd->bcntw", qt, kw) * logit_scale, dim=-1)
+        expected = probs @ win_pos.float()  # (B, C, n, T, 2)
     flow_tiles = expected - geo.token_positions(q.device)[index]  # minus query positions (n, T, 2)
     order = index[valid]  # every token once, tile-major
     inverse = torch.argsort(order)
@@ -99,7 +100,7 @@ def motion_flow_reference(
     """Coarse-to-fine motion flow by chunked gathers (see :func:`fastvmt_kernels.motion_flow` for semantics).
 
     Args:
-        q, k: (B, F, S, D), any float dtype; math in fp32.
+        q, k: (B, F, S, D), any float dtype; math in fp32 (also inside an autocast region).
         geo: frame / tile / window geometry; span: temporal extent; temperature: logit multiplier.
         origins: optional (B, P, n_tiles, 2) int64 window origins to use instead of the coarse pass.
         chunk_pairs: pairs per chunk; default from CHUNK_BYTES.
