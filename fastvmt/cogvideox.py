@@ -14,7 +14,7 @@ import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .processors import LocalWindowSettings, _self_attention_keys, grid_from_input_shape
+from .processors import LocalWindowSettings, _self_attention_keys, grid_from_input_shape, rotary_key
 
 BLOCK_LIST = "transformer_blocks"
 
@@ -51,7 +51,7 @@ class CogVideoXLocalAttnProcessor(LocalWindowSettings, CogVideoXAttnProcessor2_0
                 for x in (query, key)
             )
         out = joint_local_attention(
-            query, key, value, self.token_grid(), self.tile, self.window, num_global=text_len,
+            query, key, value, self.token_grid(rotary_key(image_rotary_emb)), self.tile, self.window, num_global=text_len,
             global_position="prefix", backend=self.backend,
         )
         out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))

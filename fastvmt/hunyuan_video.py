@@ -15,7 +15,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
-from .processors import LocalWindowSettings, grid_from_input_shape, select_blocks
+from .processors import LocalWindowSettings, grid_from_input_shape, rotary_key, select_blocks
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
@@ -80,7 +80,7 @@ class HunyuanVideoLocalAttnProcessor(LocalWindowSettings, HunyuanVideoAttnProces
             query, key, value = (torch.cat([x, t], dim=1) for x, t in zip((query, key, value), text))
         key_mask = _text_key_mask(attention_mask, query.shape[0], query.shape[1], text_len)
         out = joint_local_attention(
-            query, key, value, self.token_grid(), self.tile, self.window, num_global=text_len,
+            query, key, value, self.token_grid(rotary_key(image_rotary_emb)), self.tile, self.window, num_global=text_len,
             global_position="suffix", global_key_mask=key_mask, backend=self.backend,
         )
         out = out.flatten(2, 3).to(query.dtype)

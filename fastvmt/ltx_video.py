@@ -10,11 +10,12 @@ and :func:`read_grid`).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional, Sequence, Tuple
 
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 
-from .processors import LocalWindowSettings, _self_attention_keys
+from .processors import LocalWindowSettings, _self_attention_keys, rotary_key
 
 BLOCK_LIST = "transformer_blocks"
 GRID_ARGUMENTS = ("num_frames", "height", "width")
@@ -34,9 +35,13 @@ class LTXVideoLocalAttnProcessor(LocalWindowSettings, LTXVideoAttnProcessor):
     :class:`LocalWindowSettings`).
 
     Cross-attention calls (``encoder_hidden_states`` given), attention masks, diffusers context parallelism and calls
-    outside ``phases`` run the stock ``LTXVideoAttnProcessor``. A token sequence that is not the call's grid (e.g.
-    conditioning tokens appended by a condition pipeline) raises a ValueError.
+    outside ``phases`` run the stock ``LTXVideoAttnProcessor``; so do calls whose token grid is unknown or does not
+    describe the sequence (with a warning, once per processor): ``LTXConditionPipeline`` passes positions
+    (``video_coords``) instead of ``num_frames`` / ``height`` / ``width`` and may append conditioning tokens, and
+    ``LTXI2VLongMultiPromptPipeline`` passes a 1 x 1 x 1 grid with them.
     """
+
+    _warned = False
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         local = (
@@ -45,17 +50,14 @@ class LTXVideoLocalAttnProcessor(LocalWindowSettings, LTXVideoAttnProcessor):
             and self._parallel_config is None
             and self.active()
         )
+        grid = self.token_grid(rotary_key(image_rotary_emb), required=False) if local else None
+        if local and (grid is None or hidden_states.size(1) != grid[0] * grid[1] * grid[2]):
+            self._warn_dense(grid, hidden_states.size(1))
+            local = False
         if not local:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from fastvmt_kernels import local_attention
 
-        grid = self.token_grid()
-        if hidden_states.size(1) != grid[0] * grid[1] * grid[2]:
-            raise ValueError(
-                f"LTX-Video local attention needs the video tokens of the call's grid {grid} ("
-                f"{grid[0] * grid[1] * grid[2]} tokens), got a sequence of {hidden_states.size(1)}; sequences with "
-                "extra (conditioning) tokens are not supported"
-            )
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
         if image_rotary_emb is not None:
@@ -64,6 +66,15 @@ class LTXVideoLocalAttnProcessor(LocalWindowSettings, LTXVideoAttnProcessor):
         out = local_attention(query, key, value, grid, self.tile, self.window, backend=self.backend)
         out = out.flatten(2, 3).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](out))
+
+    def _warn_dense(self, grid, tokens: int) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        what = "gives no num_frames / height / width" if grid is None else \
+            f"has grid {grid} ({grid[0] * grid[1] * grid[2]} tokens) for a sequence of {tokens}"
+        warnings.warn(f"LTX-Video local attention: the call {what} (positions given as video_coords, or conditioning "
+                      "tokens appended); its self-attention runs dense", stacklevel=3)
 
 
 PROCESSOR = LTXVideoLocalAttnProcessor

@@ -21,6 +21,7 @@ import threading
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 from diffusers.utils.torch_utils import unwrap_module
 
@@ -172,16 +173,19 @@ class LocalWindowSettings:
         """Whether the local path runs in the current phase."""
         return current_phase() in self.phases
 
-    def token_grid(self) -> Tuple[int, int, int]:
-        """(T, Hg, Wg) of the current call."""
+    def token_grid(self, key: Optional[torch.Tensor] = None, required: bool = True) -> Optional[Tuple[int, int, int]]:
+        """(T, Hg, Wg) of the current call; ``key``: the pass's :func:`rotary_key`, so that a block recomputed under
+        gradient checkpointing reads the grid of its own pass (see :meth:`_TokenGrid.bind`). An unknown grid raises,
+        or gives None when not ``required``."""
         if self.grid is not None:
             return self.grid
-        if self._grid_source is None or self._grid_source.value is None:
+        grid = None if self._grid_source is None else self._grid_source.bind(key)
+        if grid is None and required:
             raise ValueError(
                 f"{type(self).__name__} does not know the token grid: install it with fastvmt.apply_local_attention("
                 "transformer, ...) (which tracks the latent shape per call) or pass grid=(T, Hg, Wg)"
             )
-        return self._grid_source.value
+        return grid
 
 
 class LocalAttnProcessor(LocalWindowSettings, WanAttnProcessor):
@@ -204,18 +208,46 @@ class LocalAttnProcessor(LocalWindowSettings, WanAttnProcessor):
         from fastvmt_kernels import local_attention
 
         query, key, value = project_self_attention(attn, hidden_states, rotary_emb)
-        out = local_attention(query, key, value, self.token_grid(), self.tile, self.window, backend=self.backend)
+        grid = self.token_grid(rotary_key(rotary_emb))
+        out = local_attention(query, key, value, grid, self.tile, self.window, backend=self.backend)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
 
 class _TokenGrid:
-    """Mutable holder of the transformer's current (T, Hg, Wg) token grid, shared by its local processors."""
+    """Mutable holder of the transformer's current (T, Hg, Wg) token grid, shared by its local processors, and the
+    grid each pass bound to its rotary-embedding tensor (:meth:`bind`)."""
 
     def __init__(self) -> None:
         self.value: Optional[Tuple[int, int, int]] = None
         self.hook = None
+        self.by_key = WeakIdKeyDictionary()  # tensor (by identity, weakly) -> (T, Hg, Wg)
+
+    def bind(self, key: Optional[torch.Tensor]) -> Optional[Tuple[int, int, int]]:
+        """The grid of the pass that ``key`` (a tensor every block of one pass receives, e.g. its rotary embedding)
+        belongs to: the current grid the first time ``key`` is seen, the same grid whenever it comes back.
+
+        Gradient checkpointing recomputes blocks in backward, possibly after other forwards with other grids have
+        moved :attr:`value` on; the recomputation passes the same rotary tensors, so it reads its own pass's grid.
+        Not inside a compiled region (dynamo cannot trace the weak dictionary): there :attr:`value` is used.
+        """
+        if key is None or torch.compiler.is_compiling():
+            return self.value
+        grid = self.by_key.get(key)
+        if grid is None:
+            grid = self.value
+            if grid is not None:
+                self.by_key[key] = grid
+        return grid
+
+
+def rotary_key(rotary_emb) -> Optional[torch.Tensor]:
+    """The tensor of a pass's rotary embedding (a tensor or a tuple of them, as diffusers' models pass it) that
+    identifies the pass for :meth:`_TokenGrid.bind`; None without one."""
+    if isinstance(rotary_emb, (tuple, list)):
+        rotary_emb = rotary_emb[0] if rotary_emb else None
+    return rotary_emb if isinstance(rotary_emb, torch.Tensor) else None
 
 
 def token_grid_of(transformer, latents_shape: Sequence[int]) -> Tuple[int, int, int]:
@@ -244,17 +276,17 @@ def grid_from_input_shape(grid_of=token_grid_of):
 
 
 def _track_token_grid(transformer, read_grid) -> _TokenGrid:
-    """Shared grid holder of ``transformer``, updated by a pre-forward hook from ``read_grid(module, args, kwargs)``
-    (a None result leaves it unchanged)."""
+    """Shared grid holder of ``transformer``, set by a pre-forward hook to ``read_grid(module, args, kwargs)`` (None:
+    the call's grid is unknown)."""
     holder = getattr(transformer, GRID_ATTRIBUTE, None)
     if holder is not None:
         return holder
     holder = _TokenGrid()
 
     def pre_forward(module, args, kwargs):
-        grid = read_grid(module, args, kwargs)
-        if grid is not None:  # the holder of the module called: a deep copy's own (hooks are not copied deeply)
-            getattr(module, GRID_ATTRIBUTE).value = grid
+        # The holder of the module called: a deep copy's own (hooks are not copied deeply). A call whose grid cannot
+        # be read leaves it unknown rather than keeping the previous call's.
+        getattr(module, GRID_ATTRIBUTE).value = read_grid(module, args, kwargs)
 
     holder.hook = transformer.register_forward_pre_hook(pre_forward, with_kwargs=True)
     setattr(transformer, GRID_ATTRIBUTE, holder)

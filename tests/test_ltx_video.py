@@ -89,14 +89,41 @@ def test_triton_kernel_matches_torch_reference(transformer):
     assert_rel_close(tri, ref, 1e-4, "triton vs torch processor")
 
 
-def test_calls_without_the_grid_or_with_extra_tokens_raise(transformer):
-    apply_local_attention(transformer, tile=TILE, window=(1, 1, 1), backend="torch")
+def _coords_call(grid, extra_tokens=0):
+    """A call as LTXConditionPipeline makes it: positions in ``video_coords`` (B, 3, L), no num_frames / height /
+    width; ``extra_tokens`` conditioning tokens appended past the grid."""
+    call = _call(grid, batch=1)
+    for name in ("num_frames", "height", "width", "rope_interpolation_scale"):
+        call.pop(name)
+    frames, height, width = grid
+    t, y, x = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+    coords = torch.stack([t.flatten(), y.flatten(), x.flatten()]).float()[None]  # (1, 3, L)
+    if extra_tokens:
+        coords = torch.cat([coords, coords[:, :, :extra_tokens]], dim=2)
+        call["hidden_states"] = torch.cat([call["hidden_states"], call["hidden_states"][:, :extra_tokens]], dim=1)
+    call["video_coords"] = coords
+    return call
+
+
+def test_calls_without_a_usable_grid_run_dense_with_one_warning(transformer):
+    """Calls that give positions instead of the grid, or append conditioning tokens, run the stock attention (with
+    one warning per processor) -- never the previous call's grid: a (2, 6, 4) call after a (2, 4, 6) one has the same
+    token count, and used to run on the stale (2, 4, 6) grid."""
+    previous = apply_local_attention(transformer, tile=TILE, window=(1, 1, 1), backend="torch")
+    local_processors = dict(transformer.attn_processors)
+    with torch.no_grad():
+        transformer(**_call((2, 4, 6), batch=1))  # the holder now reads (2, 4, 6)
+        with pytest.warns(UserWarning, match="gives no num_frames / height / width.*runs dense"):
+            results = [transformer(**_coords_call((2, 6, 4)))[0], transformer(**_coords_call(GRID, extra_tokens=4))[0]]
+        transformer.set_attn_processor(dict(previous))
+        stock = [transformer(**_coords_call((2, 6, 4)))[0], transformer(**_coords_call(GRID, extra_tokens=4))[0]]
+    for got, want in zip(results, stock):
+        assert_rel_close(got, want, REL_TOL[torch.float32], "dense fallback")
+    transformer.set_attn_processor(dict(local_processors))
     attn = transformer.transformer_blocks[0].attn1
-    processor = attn.processor
-    tokens = torch.randn(1, 3 * 5 * 6 + 4, 32)  # four conditioning tokens past the grid
-    processor._grid_source.value = GRID
-    with pytest.raises(ValueError, match=r"grid \(3, 5, 6\) \(90 tokens\), got a sequence of 94"):
-        processor(attn, tokens)
+    attn.processor._grid_source.value = GRID  # a grid that does not describe the sequence: dense, with its warning
     fresh = LTXVideoLocalAttnProcessor(tile=TILE, window=(1, 1, 1), backend="torch")
-    with pytest.raises(ValueError, match="does not know the token grid"):
-        fresh(attn, tokens[:, :90])
+    fresh._grid_source = attn.processor._grid_source
+    tokens = torch.randn(1, 3 * 5 * 6 + 4, 32)
+    with pytest.warns(UserWarning, match=r"grid \(3, 5, 6\) \(90 tokens\) for a sequence of 94"):
+        fresh(attn, tokens)
