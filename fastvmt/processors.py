@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import operator
 import threading
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
@@ -297,11 +298,19 @@ def select_blocks(num_blocks: int, blocks: Optional[Iterable[int]]) -> Sequence[
     """Sorted block indices of ``blocks`` (None: all ``num_blocks``); a clear error for any index out of range."""
     if blocks is None:
         return list(range(num_blocks))
-    chosen = sorted(set(blocks))
-    bad = [b for b in chosen if not isinstance(b, int) or b < 0 or b >= num_blocks]
+    indices, bad = set(), []
+    for b in blocks:  # ints, numpy / torch integers (anything with __index__), not bools or floats
+        try:
+            index = operator.index(b) if not isinstance(b, bool) else None
+        except TypeError:
+            index = None
+        if index is None or not 0 <= index < num_blocks:
+            bad.append(b)
+        else:
+            indices.add(index)
     if bad:
         raise ValueError(f"blocks must be indices in [0, {num_blocks}), got {bad}")
-    return chosen
+    return sorted(indices)
 
 
 def _self_attention_keys(

@@ -221,6 +221,13 @@ def test_bad_arguments_raise(transformer):
         apply_local_attention(transformer, phases="always")
     with pytest.raises(ValueError, match=r"blocks must be indices in \[0, 4\)"):
         apply_local_attention(transformer, blocks=[7])
+    with pytest.raises(ValueError, match=r"blocks must be indices in \[0, 4\), got \[True, 1.0\]"):
+        apply_local_attention(transformer, blocks=[True, 1.0, 2])
+    import numpy as np
+
+    apply_local_attention(transformer, blocks=np.arange(1, 3), backend="torch")  # numpy / torch integers are indices
+    patched = [i for i, block in enumerate(transformer.blocks) if isinstance(block.attn1.processor, LocalAttnProcessor)]
+    assert patched == [1, 2]
     with pytest.raises(ValueError, match="window"):
         apply_local_attention(transformer, window=(0, 1, 1))
     with pytest.raises(ValueError, match="phase must be one of"):
