@@ -83,6 +83,8 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
     """
 
     _optional_components = FastVMTPipeline._optional_components + ["image_encoder", "image_processor"]
+    # WanImageToVideoPipeline's order: the transformer's hook offloads the CLIP encoder when it runs
+    model_cpu_offload_seq = "text_encoder->image_encoder->transformer->transformer_2->vae"
 
     def __init__(
         self,
@@ -123,6 +125,10 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
             )
 
     # ------------------------------------------------------------------ conditioning
+    def vae_conditions_the_video(self) -> bool:
+        """The image condition is made of VAE latents."""
+        return True
+
     def latent_channels(self) -> int:
         """Channels of the latent being denoised: the VAE's (the transformer also reads the condition's)."""
         return self.vae.config.z_dim

@@ -177,6 +177,17 @@ class FastVMTPipeline(WanPipeline):
             raise ValueError(f"the {frames} latent frames are not divisible by the temporal patch {p_t}")
         return frames, height // spatial, width // spatial
 
+    def vae_conditions_the_video(self) -> bool:
+        """Whether the VAE encodes a condition before denoising (image-to-video); plain text-to-video: False."""
+        return False
+
+    def _offload_now(self, module: Optional[torch.nn.Module]) -> None:
+        """With ``enable_model_cpu_offload``: move ``module`` back to the CPU now instead of when the pipeline ends
+        (its hook brings it back when it next runs); otherwise nothing."""
+        for hook in getattr(self, "_all_hooks", None) or []:
+            if module is not None and getattr(hook, "model", None) is module:
+                hook.offload()
+
     def encode_video_to_latents(self, video: torch.Tensor) -> torch.Tensor:
         """Video (B, 3, F, H, W) in [-1, 1] -> normalised latents (B, C, F', H', W') float32 (VAE mean, no sampling)."""
         device = self._execution_device
@@ -407,9 +418,12 @@ class FastVMTPipeline(WanPipeline):
             if guidance_scale > 1.0:
                 noise_uncond = predict("uncond", negative_prompt_embeds)
                 noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
-        # fp32 model output: FlowMatchEulerDiscreteScheduler returns the output's dtype, and bf16 latents would lose
-        # part of each guidance update (~5% on average) when the fp32 master latent is cast back to them.
-        return self.scheduler.step(noise_pred.float(), t, latents, return_dict=False)[0]
+        # Guided runs step with an fp32 model output: FlowMatchEulerDiscreteScheduler returns the output's dtype, and
+        # bf16 latents would lose part of each guidance update (~5% on average) when the fp32 master latent is cast
+        # back to them. Plain runs keep WanPipeline's behaviour (and its latents).
+        if getattr(self, "_fp32_latents", False):
+            noise_pred = noise_pred.float()
+        return self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
     def default_text_length(self) -> int:
         """Text tokens the model was trained with: ``min(512, tokenizer.model_max_length)`` (512 without a tokenizer)."""
@@ -540,6 +554,16 @@ class FastVMTPipeline(WanPipeline):
                     device=device,
                 )
             reference_prompt_embeds = reference_prompt_embeds.to(device=device, dtype=dtype)
+            given_batch = reference_prompt_embeds.shape[0]
+            if given_batch == 1 and total_batch > 1:
+                reference_prompt_embeds = reference_prompt_embeds.expand(total_batch, -1, -1)
+            elif given_batch != total_batch and given_batch * num_videos_per_prompt == total_batch:
+                reference_prompt_embeds = reference_prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+            elif given_batch != total_batch:
+                raise ValueError(
+                    f"reference_prompt_embeds has batch {given_batch}; accepted: 1, the number of prompts, or "
+                    f"{total_batch} (prompts x num_videos_per_prompt)"
+                )
 
         # Timesteps; with init_latent="reference" only the last round(strength * N) steps run (img2img convention).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -571,6 +595,10 @@ class FastVMTPipeline(WanPipeline):
         if guided:
             reference_noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=torch.float32)
         self.prepare_conditioning(reference if guided else None, total_batch, height, width, num_frames, device)
+        if reference_latents is not None or self.vae_conditions_the_video():
+            self._offload_now(self.vae)  # with model offload: the VAE waits on the CPU until the decode
+        # Guided runs keep the latents fp32 (see denoise_step); plain runs follow WanPipeline's dtypes exactly.
+        self._fp32_latents = guided
 
         state = GuidanceState()
         self.guidance_state = state

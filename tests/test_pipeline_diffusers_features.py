@@ -154,3 +154,29 @@ def test_across_steps_learning_rate_reaches_lr_end_when_fewer_steps_are_guided(p
     run(pipe, reference, config, num_inference_steps=3)  # the last round(0.67 * 3) = 2 steps run, both guided
     rates = sorted({(r["guided_step"], r["lr"]) for r in pipe.guidance_state.history})
     assert rates == [(0, pytest.approx(config.lr_start)), (1, pytest.approx(config.lr_end))]  # was 0.002 -> 0.00189
+
+
+def test_model_offload_returns_the_vae_to_the_cpu_after_encoding_the_reference(reference, monkeypatch):
+    """With enable_model_cpu_offload the VAE, used once to encode the reference, goes back to the CPU before the
+    denoising loop (it stayed on the GPU until the end); a plain run never encodes and never offloads it early."""
+    from _wan_tiny import build_components
+
+    pipe = FastVMTPipeline(**build_components(vae=True))
+    pipe.set_progress_bar_config(disable=True)
+    events = []
+
+    class Hook:
+        model = pipe.vae
+
+        def offload(self):
+            events.append("vae offloaded")
+
+    monkeypatch.setattr(pipe, "_all_hooks", [Hook()], raising=False)
+    handle = pipe.transformer.register_forward_pre_hook(lambda *args: events.append("transformer"))
+    size = dict(height=32, width=48, num_frames=9, num_inference_steps=2, output_type="latent")
+    run(pipe, moving_square_video(11, 32, 48), small_config(guided_steps=1), **size)
+    assert events[0] == "vae offloaded" and events.count("vae offloaded") == 1
+    events.clear()
+    run(pipe, None, **size)
+    handle.remove()
+    assert "vae offloaded" not in events

@@ -255,3 +255,41 @@ def test_first_last_frame_matches_wan_image_to_video_pipeline_and_guides(clip, r
                num_frames=FRAMES, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
     assert out.frames.shape == (1, FRAMES, HEIGHT, WIDTH, 3)
     assert ours.guidance_state.gradient_passes == 4 * GUIDED_STEPS
+
+
+def test_reference_prompt_embeds_of_batch_one_serve_several_videos(pipe, image, reference):
+    """Given empty-prompt embeddings of batch 1 equal the default ones for two videos per prompt (with CLIP the
+    transformer concatenated batch-2 image embeddings to batch-1 text and failed)."""
+    empty, _ = pipe.encode_prompt("", do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    config = small_config(guided_steps=1)
+    default = run(pipe, image, reference, config, num_videos_per_prompt=2, output_type="latent").frames
+    given = run(pipe, image, reference, config, num_videos_per_prompt=2, output_type="latent",
+                reference_prompt_embeds=empty).frames
+    assert given.shape[0] == 2
+    assert_rel_close(given, default, 1e-5, "batch-1 reference_prompt_embeds")
+    with pytest.raises(ValueError, match="reference_prompt_embeds has batch 3; accepted: 1"):
+        run(pipe, image, reference, config, num_videos_per_prompt=2, reference_prompt_embeds=empty.repeat(3, 1, 1))
+
+
+def test_model_offload_order_is_wan_image_to_video_s(pipe, image, reference, monkeypatch):
+    """enable_model_cpu_offload chains the CLIP encoder before the transformer as WanImageToVideoPipeline does (it
+    stayed on the GPU through denoising), and the VAE goes back to the CPU once the conditions are encoded."""
+    from diffusers import WanImageToVideoPipeline
+
+    assert pipe.model_cpu_offload_seq == WanImageToVideoPipeline.model_cpu_offload_seq
+    events = []
+
+    class Hook:
+        def __init__(self, model):
+            self.model = model
+
+        def offload(self):
+            events.append("vae offloaded")
+
+    monkeypatch.setattr(pipe, "_all_hooks", [Hook(pipe.vae)], raising=False)
+    handle = pipe.transformer.register_forward_pre_hook(lambda *args: events.append("transformer"))
+    try:
+        run(pipe, image, reference, small_config(guided_steps=1), output_type="latent")
+    finally:
+        handle.remove()
+    assert events[0] == "vae offloaded" and events.count("vae offloaded") == 1

@@ -53,3 +53,16 @@ def test_plain_generation_matches_wan_pipeline(case):
     want = _latents(WanPipeline(**components), size, **extra)
     got = _latents(FastVMTPipeline(**components), size, **extra)
     assert_rel_close(got, want, PARITY_TOL, f"{case}: FastVMTPipeline vs WanPipeline latents")
+
+
+def test_plain_generation_with_bf16_weights_matches_wan_pipeline_exactly():
+    """With bf16 weights WanPipeline's Euler steps return bf16 latents; a plain run here keeps them too (guided runs
+    keep fp32 latents instead, see tests/test_pipeline_diffusers_features.py)."""
+    from diffusers import WanPipeline
+
+    components = build_components(vae=True)
+    components["transformer"] = components["transformer"].to(torch.bfloat16)
+    want = _latents(WanPipeline(**components), (32, 48))
+    got = _latents(FastVMTPipeline(**components), (32, 48))
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, want)
