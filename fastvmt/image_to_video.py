@@ -27,8 +27,8 @@ ROLES = ("target", "reference")
 
 
 def load_image(image) -> PIL.Image.Image:
-    """An RGB PIL image from a path, a PIL image, or an array / tensor: (H, W, 3) or (3, H, W), values in [0, 1]
-    (floats) or [0, 255] (uint8)."""
+    """An RGB PIL image from a path, a PIL image, or an array / tensor: (H, W, 3) or (3, H, W) (or a batch of one of
+    either), values in [0, 1] (floats) or [0, 255] (uint8); float pixels are rounded to 8 bits."""
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
@@ -43,11 +43,11 @@ def load_image(image) -> PIL.Image.Image:
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
-        array = image
+        array = image[0] if image.ndim == 4 and image.shape[0] == 1 else image  # a batch of one, as diffusers takes
         if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
             array = array.transpose(1, 2, 0)
         if array.ndim != 3 or array.shape[-1] != 3:
-            raise ValueError(f"an image array must be (H, W, 3) or (3, H, W), got shape {image.shape}")
+            raise ValueError(f"an image array must be (H, W, 3) or (3, H, W) (or (1, ...) of one), got shape {image.shape}")
         if array.dtype != np.uint8:
             array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
         return PIL.Image.fromarray(array)

@@ -131,6 +131,10 @@ def test_bad_inputs_raise(pipe, reference):
         load_image("/no/such/image.png")
     with pytest.raises(ValueError, match=r"\(H, W, 3\) or \(3, H, W\)"):
         load_image(torch.rand(4, 5))
+    picture = torch.rand(3, 6, 8)
+    assert load_image(picture[None]).tobytes() == load_image(picture).tobytes()  # a batch of one, as diffusers takes
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) or \(3, H, W\)"):
+        load_image(torch.rand(2, 3, 6, 8))
 
 
 def test_two_expert_image_to_video_runs_each_expert_with_the_condition(image, reference):
