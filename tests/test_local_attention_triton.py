@@ -245,6 +245,12 @@ def test_unsupported_head_dim_raises(d, device):
         local_attention(q, q, q, (1, 4, 4), (1, 4, 4), (1, 1, 1), backend="triton")
 
 
+def test_too_many_batch_heads_for_one_launch_raise(device):
+    q = torch.randn(1, 1, 1, 16, device=device).expand(2, 8, 40000, 16)  # a view: no memory
+    with pytest.raises(ValueError, match=r"at most 65535 \(batch x heads\) per call, got B = 2 x H = 40000"):
+        local_attention(q, q, q, (1, 2, 4), (1, 2, 2), (1, 1, 1), backend="triton")
+
+
 def test_too_many_tiles_per_axis_raises():
     q = torch.randn(1, 1025, 1, 16)
     with pytest.raises(ValueError, match=r"up to 1024 tiles per axis, got \(1, 1, 1025\)"):

@@ -11,6 +11,8 @@ from ..index_math import SMALL_DIVMOD_MAX_D, SMALL_DIVMOD_MAX_N
 from ..layout import TileLayout
 from .reference import local_attention_reference
 
+MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's y dimension (the kernels' batch x heads axis)
+
 
 def local_attention(
     q: torch.Tensor,
@@ -62,6 +64,11 @@ def local_attention(
             raise ValueError(
                 f"the triton backend supports up to {SMALL_DIVMOD_MAX_D} tiles per axis, got {layout.num_tiles} "
                 f"(grid {layout.grid}, tile {layout.tile}); use larger tiles or backend='torch'"
+            )
+        if q.shape[0] * q.shape[2] > MAX_GRID_Y:  # one program row per (batch, head): CUDA's grid y limit
+            raise ValueError(
+                f"the triton backend runs at most {MAX_GRID_Y} (batch x heads) per call, got B = {q.shape[0]} x "
+                f"H = {q.shape[2]}; split the batch or use backend='torch'"
             )
         box_tiles = 1
         for n, w in zip(layout.num_tiles, layout.window_tiles):  # a loop, not a generator: torch.compile traces it
