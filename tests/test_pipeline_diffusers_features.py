@@ -3,13 +3,11 @@ embeddings, order-2 schedulers, half-precision weights, and WanPipeline's argume
 import numpy as np
 import pytest
 import torch
-from _wan_tiny import MAX_SEQUENCE_LENGTH, moving_square_video, single_thread, tiny_pipeline_dir
+from _wan_tiny import MAX_SEQUENCE_LENGTH, moving_square_video, single_thread
+from test_pipeline import FRAMES, MOTION_BLOCK, SIZE, pipe, pixel_dir, reference, run, small_config  # noqa: F401
 
-from fastvmt import FastVMTPipeline, MotionTransferConfig
+from fastvmt import FastVMTPipeline
 from fastvmt.motion import truncated_qk
-
-MOTION_BLOCK = 1
-SIZE, FRAMES = 16, 5  # pixel space: 8 x 8 tokens per frame with patch (1, 2, 2)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -17,45 +15,13 @@ def _one_thread():
     yield from single_thread()
 
 
-@pytest.fixture(scope="module")
-def pixel_dir(tmp_path_factory):
-    return tiny_pipeline_dir(tmp_path_factory.mktemp("pixel"), vae=False)
-
-
-@pytest.fixture
-def pipe(pixel_dir):
-    pipeline = FastVMTPipeline.from_pretrained(pixel_dir)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return moving_square_video(FRAMES + 2, SIZE, SIZE)
-
-
-def small_config(**overrides) -> MotionTransferConfig:
-    base = dict(motion_block=MOTION_BLOCK, guided_steps=2, tile=(2, 2), window=5, kernel_backend="torch")
-    return MotionTransferConfig(**{**base, **overrides})
-
-
-def run(pipe, reference, config=None, seed=0, **kwargs):
-    args = dict(
-        prompt="a red circle", reference_video=reference, motion_config=config or small_config(), height=SIZE,
-        width=SIZE, num_frames=FRAMES, num_inference_steps=3, guidance_scale=2.0,
-        max_sequence_length=MAX_SEQUENCE_LENGTH, generator=torch.Generator().manual_seed(seed), output_type="np",
-    )
-    args.update(kwargs)
-    return pipe(**args)
-
-
 def test_a_block_cache_is_off_in_guidance_and_on_again_after(pipe, reference):
     from diffusers import FirstBlockCacheConfig
 
-    plain = run(pipe, reference).frames
+    plain = run(pipe, reference, small_config()).frames
     cache = FirstBlockCacheConfig(threshold=0.0)  # never skips a block: the video must not change
     pipe.transformer.enable_cache(cache)
-    cached = run(pipe, reference).frames  # raised "No cache context is set" in the first guidance pass
+    cached = run(pipe, reference, small_config()).frames  # raised "No cache context is set" in the first guidance pass
     assert pipe.transformer.is_cache_enabled and pipe.transformer._cache_config is cache
     assert pipe.guidance_state.gradient_passes == 2 * 4
     np.testing.assert_allclose(cached, plain, rtol=0, atol=1e-6)
@@ -103,8 +69,8 @@ def test_lora_scale_reaches_checkpointed_guidance_passes_and_their_recomputation
 
 def test_prompt_embeds_are_repeated_for_num_videos_per_prompt(pipe, reference):
     embeds, negative = pipe.encode_prompt("a red circle", negative_prompt="", max_sequence_length=MAX_SEQUENCE_LENGTH)
-    from_text = run(pipe, reference, num_videos_per_prompt=2).frames
-    from_embeds = run(pipe, reference, prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative,
+    from_text = run(pipe, reference, small_config(), num_videos_per_prompt=2).frames
+    from_embeds = run(pipe, reference, small_config(), prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative,
                       num_videos_per_prompt=2).frames
     assert from_embeds.shape[0] == 2  # was 1
     np.testing.assert_allclose(from_embeds, from_text, rtol=0, atol=2e-5)  # T5 at batch 1 vs 2: rounding
@@ -112,11 +78,11 @@ def test_prompt_embeds_are_repeated_for_num_videos_per_prompt(pipe, reference):
 
 def test_wan_pipeline_argument_checks_apply(pipe, reference, pixel_dir):
     with pytest.raises(ValueError, match="guidance_scale_2"):  # a single-expert model has no second scale
-        run(pipe, reference, guidance_scale_2=9.0)
+        run(pipe, reference, small_config(), guidance_scale_2=9.0)
     no_text = FastVMTPipeline.from_pretrained(pixel_dir, text_encoder=None, tokenizer=None)
     embeds, negative = pipe.encode_prompt("a red circle", negative_prompt="", max_sequence_length=MAX_SEQUENCE_LENGTH)
     with pytest.raises(ValueError, match="negative_prompt_embeds when guidance_scale > 1"):
-        run(no_text, None, prompt=None, prompt_embeds=embeds)
+        run(no_text, None, small_config(), prompt=None, prompt_embeds=embeds)
 
 
 def test_order_two_scheduler_noises_the_reference_at_each_sub_step_level(pipe, reference):
@@ -145,7 +111,7 @@ def test_half_precision_weights_keep_fp32_latents_through_euler_steps(pipe, refe
         dtypes.append(tensors["latents"].dtype)
         return tensors
 
-    run(pipe, reference, callback_on_step_end=record)
+    run(pipe, reference, small_config(), callback_on_step_end=record)
     assert dtypes == [torch.float32] * 3  # bf16 latents lost part of each guidance update when cast back
 
 
@@ -177,6 +143,6 @@ def test_model_offload_returns_the_vae_to_the_cpu_after_encoding_the_reference(r
     run(pipe, moving_square_video(11, 32, 48), small_config(guided_steps=1), **size)
     assert events[0] == "vae offloaded" and events.count("vae offloaded") == 1
     events.clear()
-    run(pipe, None, **size)
+    run(pipe, None, small_config(), **size)
     handle.remove()
     assert "vae offloaded" not in events
