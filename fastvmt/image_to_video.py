@@ -111,6 +111,7 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
         self._image: Optional[PIL.Image.Image] = None
         self._last_image: Optional[PIL.Image.Image] = None
         self._conditions: Optional[Dict[str, ImageCondition]] = None
+        self._image_embeds: Optional[torch.Tensor] = None
 
     def _check_input_channels(self) -> None:
         """The transformer reads [latent, mask (4), image latents] (2 x z_dim + 4 channels), or for TI2V-5B the latent
@@ -125,6 +126,14 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
             )
 
     # ------------------------------------------------------------------ conditioning
+    def encode_image(self, image, device=None) -> torch.Tensor:
+        """Image-encoder (CLIP) embeddings of ``image`` (or a [first, last] list), (number of images, T_img,
+        image_dim), as ``WanImageToVideoPipeline.encode_image``: what ``image_embeds=`` takes."""
+        if self.image_encoder is None:
+            raise ValueError("this pipeline has no image encoder (Wan2.2 I2V and TI2V-5B read no image embeddings)")
+        images = [load_image(i) for i in image] if isinstance(image, (list, tuple)) else load_image(image)
+        return WanImageToVideoPipeline.encode_image(self, images, device or self._execution_device)
+
     def vae_conditions_the_video(self) -> bool:
         """The image condition is made of VAE latents."""
         return True
@@ -135,10 +144,11 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
 
     def image_condition(
         self, image: PIL.Image.Image, batch: int, height: int, width: int, num_frames: int, device,
-        last_image: Optional[PIL.Image.Image] = None,
+        last_image: Optional[PIL.Image.Image] = None, image_embeds: Optional[torch.Tensor] = None,
     ) -> ImageCondition:
         """The :class:`ImageCondition` of ``image`` (and, for first-last-frame models, ``last_image``), resized to
-        ``height x width``, exactly as ``WanImageToVideoPipeline`` builds it (float32)."""
+        ``height x width``, exactly as ``WanImageToVideoPipeline`` builds it (float32); ``image_embeds`` (as
+        :meth:`encode_image` returns them, or repeated per video) replace the image encoder's embeddings."""
         if last_image is not None and self.config.expand_timesteps:
             raise ValueError("last_image needs a first-last-frame model; TI2V-5B (expand_timesteps) takes one image")
         two_image_embedder = self.transformer.config.get("pos_embed_seq_len") is not None
@@ -162,10 +172,21 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
         first_frame_mask = prepared[2] if self.config.expand_timesteps else None
         embeds = None
         if self.transformer.config.image_dim is not None:  # only Wan2.1 I2V reads image embeddings (diffusers' rule)
-            if self.image_encoder is None:
-                raise ValueError("this transformer reads image embeddings (image_dim is set) but no image_encoder")
-            images = image if last_image is None else [image, last_image]
-            embeds = WanImageToVideoPipeline.encode_image(self, images, device).repeat(batch, 1, 1)
+            per_video = 1 if last_image is None else 2  # images the encoder embeds per video (FLF2V: first, last)
+            if image_embeds is not None:
+                embeds = image_embeds.to(device=device, dtype=torch.float32)
+            else:
+                if self.image_encoder is None:
+                    raise ValueError("this transformer reads image embeddings (image_dim is set) but no image_encoder")
+                embeds = self.encode_image(image if last_image is None else [image, last_image], device)
+            if embeds.shape[0] == per_video:
+                embeds = embeds.repeat(batch, 1, 1)  # as WanImageToVideoPipeline: the same images for every video
+            elif embeds.shape[0] != per_video * batch:
+                raise ValueError(f"image_embeds has batch {embeds.shape[0]}; accepted: {per_video} (as encode_image "
+                                 f"returns them) or {per_video * batch} ({per_video} per video)")
+        elif image_embeds is not None:
+            raise ValueError("image_embeds are read by Wan2.1 I2V / FLF2V transformers only (image_dim set); this one "
+                             "takes none")
         return ImageCondition(prepared[1], embeds, first_frame_mask)
 
     def prepare_conditioning(
@@ -176,7 +197,8 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
         if self._image is None:
             raise ValueError("FastVMTImageToVideoPipeline needs an image: call pipe(image, prompt=..., ...)")
         geometry = (batch, height, width, num_frames, device)
-        conditions = {"target": self.image_condition(self._image, *geometry, last_image=self._last_image)}
+        conditions = {"target": self.image_condition(self._image, *geometry, last_image=self._last_image,
+                                                     image_embeds=self._image_embeds)}
         if reference is not None:
             first, last = (load_image(reference[i].permute(1, 2, 0).float()) for i in (0, -1))
             conditions["reference"] = self.image_condition(
@@ -220,18 +242,26 @@ class FastVMTImageToVideoPipeline(FastVMTPipeline):
         return (1 - mask) * condition.latents.to(latents.dtype) + mask * latents
 
     # ------------------------------------------------------------------ call
-    def __call__(self, image=None, prompt=None, reference_video=None, motion_config=None, last_image=None, **kwargs):
+    def __call__(self, image=None, prompt=None, reference_video=None, motion_config=None, last_image=None,
+                 image_embeds=None, **kwargs):
         """Animate ``image`` (a path, PIL image, or (H, W, 3) / (3, H, W) array or tensor in [0, 1], resized to
         ``height x width`` as ``WanImageToVideoPipeline`` does) for ``prompt``, moving like ``reference_video``;
-        ``last_image`` (first-last-frame models such as Wan2.1 FLF2V) also fixes the last frame. Every other argument
-        and the output are :meth:`fastvmt.FastVMTPipeline.__call__`'s."""
+        ``last_image`` (first-last-frame models such as Wan2.1 FLF2V) also fixes the last frame. ``image_embeds``
+        (as :meth:`encode_image` returns them, or those repeated once per video): precomputed image-encoder embeddings
+        of the generated video's image(s), used instead of encoding ``image`` with the image encoder; the
+        image is still needed for its VAE condition (``WanImageToVideoPipeline`` refuses both together and cannot run
+        without the image). Every other argument and the output are :meth:`fastvmt.FastVMTPipeline.__call__`'s."""
         if image is None:
             raise ValueError("FastVMTImageToVideoPipeline needs an image to animate: pipe(image, prompt=..., ...)")
+        if image_embeds is not None and not (isinstance(image_embeds, torch.Tensor) and image_embeds.dim() == 3):
+            got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
+            raise ValueError(f"image_embeds must be a (B, T_img, image_dim) tensor, got {got}")
         self._image = load_image(image)
         self._last_image = None if last_image is None else load_image(last_image)
+        self._image_embeds = image_embeds
         try:
             return super().__call__(
                 prompt=prompt, reference_video=reference_video, motion_config=motion_config, **kwargs
             )
         finally:
-            self._image, self._last_image, self._conditions = None, None, None
+            self._image, self._last_image, self._conditions, self._image_embeds = None, None, None, None

@@ -297,3 +297,20 @@ def test_model_offload_order_is_wan_image_to_video_s(pipe, image, reference, mon
     finally:
         handle.remove()
     assert events[0] == "vae offloaded" and events.count("vae offloaded") == 1
+
+
+def test_precomputed_image_embeds_replace_the_image_encoder(pipe, image, reference):
+    """image_embeds (from pipe.encode_image, batch 1) give the video of encoding the image, for two videos; models
+    without an image encoder refuse them."""
+    config = small_config(guided_steps=1)
+    kwargs = dict(num_videos_per_prompt=2, output_type="latent")
+    if pipe.image_encoder is None:
+        with pytest.raises(ValueError, match="image_embeds are read by Wan2.1 I2V"):
+            run(pipe, image, reference, config, image_embeds=torch.zeros(1, 4, 8), **kwargs)
+        return
+    embeds = pipe.encode_image(image)
+    encoded = run(pipe, image, reference, config, **kwargs).frames
+    given = run(pipe, image, reference, config, image_embeds=embeds, **kwargs).frames
+    assert_rel_close(given, encoded, 1e-6, "precomputed image embeddings")
+    with pytest.raises(ValueError, match=r"image_embeds has batch 3; accepted: 1 \(as encode_image returns them\) or 2"):
+        run(pipe, image, reference, config, image_embeds=embeds.repeat(3, 1, 1), **kwargs)
