@@ -1,4 +1,5 @@
 """Testbed: procedural data with ground truth, motion metrics, training determinism, checkpoint save/load."""
+import json
 import math
 
 import numpy as np
@@ -156,6 +157,16 @@ def test_train_resume_is_deterministic_and_checkpoint_loads(tmp_path):
         assert torch.equal(ema_a[name], ema_b[name]), name
     assert (tmp_path / "b" / "log.csv").read_text().count("\n") == 3  # header + steps 1, 2
 
+    # A checkpoint with fewer layers than the testbed's motion block runs the demo on its last block.
+    from fastvmt import cli
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--checkpoint", str(tmp_path / "a" / "checkpoint"), "--out", str(out), "--steps", "2",
+                     "--methods", "unguided,fastvmt,unguided"]) == 0  # 'motion_block = 5 but 1 blocks' before
+    summary = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert list(summary["methods"]) == ["unguided", "fastvmt"]  # each method once
+    assert summary["settings"]["configs"]["fastvmt"]["motion_block"] == 0
+
     # The EMA checkpoint folder loads back with identical weights and the pipeline's prompt encoding.
     transformer, text_encoder, tokenizer, _ = model.load_components(str(tmp_path / "a" / "checkpoint"))
     for name, value in transformer.state_dict().items():
@@ -185,3 +196,56 @@ def test_training_batches_follow_the_flow_convention():
     assert 0 < captions.count("") < 64  # classifier-free-guidance dropout
     assert train.learning_rate(0, 100, 1.0) < train.learning_rate(train.WARMUP_STEPS - 1, 1000, 1.0) == 1.0
     assert train.learning_rate(1000, 1000, 1.0) == pytest.approx(train.FINAL_LR_FRACTION)
+
+
+def test_train_refuses_bad_arguments_and_an_existing_run_before_writing(tmp_path, capsys):
+    from fastvmt.testbed import train
+
+    for argv, message in ((["--log-every", "0"], "--log-every must be >= 1"),
+                          (["--size", "18"], "--size 18 must be a multiple of --patch 4")):
+        assert train.main(["--out", str(tmp_path / "bad"), "--steps", "1", *TINY, *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    train.main(["--out", str(tmp_path / "run"), "--steps", "1", *TINY])
+    state = (tmp_path / "run" / "train_state.pt").read_bytes()
+    assert train.main(["--out", str(tmp_path / "run"), "--steps", "2", *TINY]) == 2  # would restart from step 0
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    assert (tmp_path / "run" / "train_state.pt").read_bytes() == state
+
+
+def test_resume_drops_log_rows_written_after_the_last_save_and_keeps_the_clock(tmp_path):
+    import csv
+
+    from fastvmt.testbed import train
+
+    run = tmp_path / "run"
+    train.main(["--out", str(run), "--steps", "1", *TINY])
+    with open(run / "log.csv", "a", newline="") as f:  # an interrupted run logged step 2 after saving step 1
+        f.write("2,0.5,0.001,99.0\n")
+    state = torch.load(run / "train_state.pt", weights_only=False)
+    assert state["seconds"] > 0
+    state["seconds"] = 1000.0  # as if the first process had trained for 1000 s
+    torch.save(state, run / "train_state.pt")
+    train.main(["--out", str(run), "--steps", "3", "--resume", *TINY])
+    with open(run / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert 1000.0 <= float(rows[1]["seconds"]) < 1100.0  # the clock continues (it restarted from 0 before)
+
+
+def test_foreground_of_a_large_object_is_the_object():
+    """A user clip whose object covers most of the frame: the background comes from the frames' borders (the whole
+    clip's median colour was the object's, which reversed the trajectory)."""
+    video = torch.full((3, 4, 64, 64), -1.0)
+    for f, left in enumerate((4, 6, 8, 10)):
+        video[1, f, 5:58, left : left + 53] = 1.0  # a 53 px green square moving right
+    trajectory = metrics.foreground_trajectory(video)
+    assert (trajectory[1:, 0] > trajectory[:-1, 0]).all(), trajectory  # x rises
+
+
+def test_verdict_needs_a_finite_unguided_error():
+    from fastvmt.testbed.demo import verdict
+
+    lines = verdict({"unguided": {"trajectory_error_px": math.nan}, "fastvmt": {"trajectory_error_px": 1.2}},
+                    {"aligned": 6.0})
+    assert "nan" not in lines[0] and "aligned error 1.20 px, 0.20x the chance baseline" in lines[0]

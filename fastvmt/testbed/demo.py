@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 VIEW_UPSCALE = 8
 FPS = 4
@@ -119,6 +119,8 @@ def _format(value) -> str:
 
 def verdict(results: Dict[str, Dict], chance: Dict[str, float]) -> List[str]:
     """Plain sentences on what this run shows (against unguided, ditflow and the chance baseline)."""
+    import math
+
     lines = []
     unguided = results.get("unguided", {}).get("trajectory_error_px")
     for name, r in results.items():
@@ -126,9 +128,10 @@ def verdict(results: Dict[str, Dict], chance: Dict[str, float]) -> List[str]:
             continue
         err = r.get("trajectory_error_px")
         if err is None or err != err:
-            lines.append(f"{name}: the prompt's object was not detected, so no trajectory error.")
+            lines.append(f"{name}: the prompt's object was not tracked in enough frames, so no trajectory error.")
             continue
-        rel = f" = {err / unguided:.2f}x unguided" if unguided else ""
+        comparable = unguided is not None and math.isfinite(unguided) and unguided > 0
+        rel = f" = {err / unguided:.2f}x unguided" if comparable else ""
         fraction = err / chance["aligned"]
         lines.append(f"{name}: aligned error {err:.2f} px{rel}, {fraction:.2f}x the chance baseline "
                      f"({chance['aligned']:.2f} px; transfer target: <= 1/3 of unguided)")
@@ -157,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))  # once each, in order
     unknown = [m for m in methods if m not in recipes.METHODS]
     if unknown or not methods:
         raise ValueError(f"--methods {args.methods!r}: unknown {unknown}; accepted: {recipes.METHODS}")
@@ -166,6 +169,7 @@ def _run(args: argparse.Namespace) -> int:
     color, shape = parse_caption(args.prompt)
     pipe = recipes.load_pipeline(args.checkpoint)
     pipe.set_progress_bar_config(disable=True)
+    block = recipes.motion_block_for(pipe)
     if args.reference:
         reference, reference_trajectory = user_reference(args.reference, pipe.testbed_frames, pipe.testbed_size)
         reference_color = metrics.dominant_color(reference)
@@ -199,12 +203,12 @@ def _run(args: argparse.Namespace) -> int:
                       "trajectory": reference_trajectory.tolist()},
         "settings": {"prompt": args.prompt, "shape": shape, "seed": args.seed, "steps": args.steps,
                      "guidance_scale": args.guidance_scale, "checkpoint": args.checkpoint or "shipped",
-                     "configs": {m: (None if recipes.motion_config(m, args.steps) is None else
-                                     _config_dict(recipes.motion_config(m, args.steps))) for m in methods}},
+                     "configs": {m: _config_dict(recipes.motion_config(m, args.steps, motion_block=block))
+                                 for m in methods}},
         "checkpoint": recipes.checkpoint_info(args.checkpoint),
     }
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=float)
+        json.dump(_nan_to_none(summary), f, indent=2, default=float, allow_nan=False)  # strict JSON: NaN -> null
 
     steps_trained = summary["checkpoint"].get("step", "unknown")
     print(f"\nprompt {args.prompt!r}, reference {summary['reference']['source']}, checkpoint trained {steps_trained} steps")
@@ -219,10 +223,25 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_dict(config) -> Dict:
+def _config_dict(config) -> Optional[Dict]:
     import dataclasses
 
+    if config is None:  # unguided
+        return None
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def _nan_to_none(value):
+    """``value`` with every float NaN (an untracked object's error) replaced by None, recursively (strict JSON)."""
+    import math
+
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def main(argv=None) -> int:

@@ -202,11 +202,13 @@ def chance_baseline(reference_trajectory: torch.Tensor, samples: int = CHANCE_SA
 def foreground_trajectory(video) -> torch.Tensor:
     """Centroid trajectory (F, 2) of whatever differs from the clip's median colour (for users' own clips).
 
-    The median colour over all pixels and frames is taken as background; pixels farther than FOREGROUND_DISTANCE
-    (RGB, in [-1, 1] units) are foreground, weighted by their distance. NaN rows where too little foreground.
+    The median colour of the frames' border pixels (all frames) is taken as background -- not the whole clip's, which
+    an object covering most of the frame would own -- and pixels farther than FOREGROUND_DISTANCE (RGB, in [-1, 1]
+    units) are foreground, weighted by their distance. NaN rows where too little foreground.
     """
-    clip = as_video(video)
-    background = clip.flatten(1).median(dim=1).values.view(3, 1, 1, 1)
+    clip = as_video(video)  # (3, F, H, W)
+    border = torch.cat([clip[..., 0, :], clip[..., -1, :], clip[..., 1:-1, 0], clip[..., 1:-1, -1]], dim=-1)
+    background = border.flatten(1).median(dim=1).values.view(3, 1, 1, 1)
     distance = (clip - background).norm(dim=0)
     weight = torch.where(distance > FOREGROUND_DISTANCE, distance, torch.zeros_like(distance))
     return centroids(weight / weight.max().clamp_min(1e-6), min_area=1.0)

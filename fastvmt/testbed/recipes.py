@@ -117,6 +117,11 @@ def local_attention_installed(transformer, enabled: bool, phases: str = LOCAL_PH
         transformer.set_attn_processor(previous)
 
 
+def motion_block_for(pipe) -> int:
+    """MOTION_BLOCK, or the last block of a checkpoint trained with fewer layers (``train-testbed --layers``)."""
+    return min(MOTION_BLOCK, len(pipe.transformer.blocks) - 1)
+
+
 def run_method(pipe, method: str, prompt: str, reference, seed: int, num_inference_steps: int = DEFAULT_STEPS,
                guidance_scale: float = DEFAULT_GUIDANCE_SCALE, num_videos: int = 0,
                **overrides) -> Tuple["np.ndarray", float]:
@@ -133,6 +138,7 @@ def run_method(pipe, method: str, prompt: str, reference, seed: int, num_inferen
     from .model import TEXT_LENGTH
 
     local_phases = overrides.pop("local_phases", LOCAL_PHASES)
+    overrides.setdefault("motion_block", motion_block_for(pipe))
     config = motion_config(method, num_inference_steps, **overrides)
     generator = torch.Generator().manual_seed(seed)
     with local_attention_installed(pipe.transformer, method == "fastvmt_local", local_phases):

@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from typing import Dict, Optional
 
@@ -122,6 +123,7 @@ class TrainingRun:
 
         self.args = args
         self.device = torch.device(args.device)
+        self.seconds = 0.0  # wall seconds of training so far, across resumed processes
         if args.size % args.patch:
             raise ValueError(f"--size {args.size} must be a multiple of --patch {args.patch}")
         config = TestbedModelConfig(num_layers=args.layers, num_heads=args.heads, head_dim=args.head_dim,
@@ -141,6 +143,7 @@ class TrainingRun:
     def state_dict(self) -> Dict:
         return {
             "step": self.step,
+            "seconds": self.seconds,
             "transformer": self.transformer.state_dict(),
             "text_encoder": self.text_encoder.state_dict(),
             "ema_transformer": self.ema_transformer.state_dict(),
@@ -150,6 +153,7 @@ class TrainingRun:
 
     def load_state_dict(self, state: Dict) -> None:
         self.step = int(state["step"])
+        self.seconds = float(state.get("seconds", 0.0))  # training time before this process (older states: 0)
         self.transformer.load_state_dict(state["transformer"])
         self.text_encoder.load_state_dict(state["text_encoder"])
         self.ema_transformer.load_state_dict(state["ema_transformer"])
@@ -227,33 +231,74 @@ def append_log(path: str, row: Dict) -> None:
         writer.writerow(row)
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every cheap check, before anything is created (a ValueError says what was wrong and what is accepted)."""
+    import torch
+
+    for name in ("steps", "batch", "log_every", "frames", "size", "patch", "layers", "heads", "head_dim"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("save_every", "save_minutes", "time_limit", "threads"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.size % args.patch:
+        raise ValueError(f"--size {args.size} must be a multiple of --patch {args.patch}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda given but CUDA is not available")
+    state_path = os.path.join(args.out, STATE_FILE)
+    if os.path.exists(state_path) and not args.resume:
+        raise ValueError(f"{args.out!r} already holds a run ({STATE_FILE}); pass --resume to continue it, or choose "
+                         "another --out (a new run would overwrite its checkpoint and log)")
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop the log rows of steps after ``step`` (written after the last save of an interrupted run)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Train until ``--steps`` (or ``--time-limit``), saving periodically and at the end."""
+    """Train until ``--steps`` (or ``--time-limit``), saving periodically and at the end; bad arguments print an
+    error (exit 2) before anything is written."""
+    try:
+        _check_arguments(args)
+    except ValueError as exc:
+        print(f"fastvmt train-testbed: error: {exc}", file=sys.stderr)
+        return 2
+    return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.steps < 1 or args.batch < 1:
-        raise ValueError(f"--steps and --batch must be >= 1, got {args.steps} and {args.batch}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda given but CUDA is not available")
     os.makedirs(args.out, exist_ok=True)
     training = TrainingRun(args)
     state_path = os.path.join(args.out, STATE_FILE)
+    log_path = os.path.join(args.out, LOG_FILE)
     if args.resume and os.path.exists(state_path):
         training.load_state_dict(torch.load(state_path, map_location=training.device, weights_only=False))
+        _truncate_log(log_path, training.step)  # rows after the saved step are written again
         print(f"resumed from step {training.step}", flush=True)
-    log_path = os.path.join(args.out, LOG_FILE)
     start = time.time()
+    before = training.seconds
     last_save = start
     losses = []
     while training.step < args.steps:
         losses.append(training.train_step())
         elapsed = time.time() - start
+        training.seconds = before + elapsed
         if training.step % args.log_every == 0 or training.step == args.steps:
             row = {"step": training.step, "loss": f"{sum(losses) / len(losses):.5f}",
                    "lr": f"{learning_rate(training.step - 1, args.steps, args.lr):.3g}",
-                   "seconds": f"{elapsed:.1f}"}
+                   "seconds": f"{training.seconds:.1f}"}
             append_log(log_path, row)
             training.recent_loss = float(row["loss"])
             print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
