@@ -14,6 +14,7 @@
 #   FASTVMT_SUITE_BENCH    pytest arguments of one benchmark stage (default: one stage per file of BENCH_STAGES)
 #   FASTVMT_SUITE_INSPECT  arguments of `python -m fastvmt_kernels.inspect` (default: none = every kernel)
 #   FASTVMT_SUITE_SKIP     space-separated stages to skip: tests inspect bench bench_<file> (GPU default: inspect)
+#   FASTVMT_SUITE_BENCH_TIMEOUT  seconds for the FASTVMT_SUITE_BENCH stage (default 200; e.g. inductor compilation)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,11 +42,16 @@ else
   BENCH_ARGS="${FASTVMT_SUITE_BENCH:-}"
   INSPECT_ARGS="${FASTVMT_SUITE_INSPECT:-}"
   RESULTS_SRC="benchmarks/results"
-  T_TESTS=110; T_INSPECT=60; T_BENCH=200
+  T_TESTS=110; T_INSPECT=60; T_BENCH="${FASTVMT_SUITE_BENCH_TIMEOUT:-200}"
   # The sm_90a inspection needs no GPU (it compiles offline, also on the CPU machines): skipped unless asked for.
   FASTVMT_SUITE_SKIP="${FASTVMT_SUITE_SKIP-inspect}"
 fi
 mkdir -p "$OUT"
+# Only what this run writes comes back: benchmarks/results/ already holds the committed tables of earlier runs, which a
+# skipped, failed or timed-out stage would otherwise return under the expected names.
+STARTED="$OUT/.suite_started"
+touch "$STARTED"
+sleep 1  # file times have one-second resolution on some file systems
 # Wheels carried to the GPU machine (benchmarks/fetch_gpu_wheels.sh; the device tool's carry: [".whl"]).
 if [[ $DRY == 0 ]] && compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fastvmt-site .whl/*.whl \
@@ -94,9 +100,16 @@ stage tests "$T_TESTS" "python -m pytest -q -p no:cacheprovider $XDIST $TESTS_AR
 stage inspect "$T_INSPECT" "env -u TRITON_INTERPRET python -m fastvmt_kernels.inspect $INSPECT_ARGS | tee '$OUT/inspect.txt'"
 
 if [[ -d "$RESULTS_SRC" ]]; then
-  tar -czf "$OUT/results.tar.gz" -C "$RESULTS_SRC" .
-  # The device tool returns at most 8 files: copy only the GPU benchmarks' tables beside the tarball.
-  for table in motion_flow_gpu motion_flow_host_gpu pipeline pipeline_end_to_end local_attention; do cp "$RESULTS_SRC/$table.md" "$OUT"/ 2> /dev/null; done
+  NEW_RESULTS=$(cd "$RESULTS_SRC" && find . -maxdepth 1 -type f -newer "$STARTED" | sort)
+  if [[ -n "$NEW_RESULTS" ]]; then
+    (cd "$RESULTS_SRC" && tar -czf "$OUT/results.tar.gz" $NEW_RESULTS)
+  fi
+  # The device tool returns at most 8 files: copy the GPU benchmarks' tables beside the tarball, those written now.
+  for table in motion_flow_gpu motion_flow_host_gpu pipeline pipeline_end_to_end local_attention; do
+    if [[ "$RESULTS_SRC/$table.md" -nt "$STARTED" ]]; then cp "$RESULTS_SRC/$table.md" "$OUT"/; fi
+  done
+  log "results written by this run: $(echo $NEW_RESULTS | tr '\n' ' ')"
 fi
+rm -f "$STARTED"
 log "=== suite done: failed=$FAILED, files: $(ls "$OUT" | tr '\n' ' ')"
 exit $FAILED
