@@ -15,6 +15,7 @@ Fields left as ``None`` take the recipe's value in ``__post_init__``; after cons
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -145,10 +146,10 @@ class MotionTransferConfig:
 
         def need_positive(name: str, allow_zero: bool = False) -> None:
             value = getattr(self, name)
-            ok = _is_number(value) and (value >= 0 if allow_zero else value > 0)
+            ok = _is_number(value) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
             if not ok:
                 bound = ">= 0" if allow_zero else "> 0"
-                raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
         need_int("motion_block", 0)
         need_int("guided_steps", 0)
@@ -163,7 +164,7 @@ class MotionTransferConfig:
         need_positive("temperature")
         need_positive("amf_weight", allow_zero=True)
         need_positive("window_weight", allow_zero=True)
-        if self.amf_weight == 0 and self.window_weight == 0:
+        if self.recipe == "fastvmt" and self.amf_weight == 0 and self.window_weight == 0:  # ditflow ignores both
             raise ValueError("amf_weight and window_weight are both 0: the guidance loss would be identically zero")
         if self.recipe == "fastvmt" and self.amf_weight == 0 and self.span <= 2:
             raise ValueError(f"amf_weight is 0 and span is {self.span}: the window loss compares windows of successive "
@@ -233,5 +234,13 @@ class MotionTransferConfig:
         return count
 
     def replace(self, **changes) -> "MotionTransferConfig":
-        """A validated copy with ``changes`` applied (recipe-dependent fields keep their current values)."""
+        """A validated copy with ``changes`` applied. Changing ``recipe`` switches the recipe-dependent fields that
+        still hold the old recipe's presets to the new recipe's (fields set to other values, and those in
+        ``changes``, are kept), so ``MotionTransferConfig().replace(recipe="ditflow")`` equals
+        ``MotionTransferConfig(recipe="ditflow")``."""
+        new_recipe = changes.get("recipe", self.recipe)
+        if new_recipe != self.recipe and self.recipe in _RECIPE_DEFAULTS:
+            for name, preset in _RECIPE_DEFAULTS[self.recipe].items():
+                if name not in changes and getattr(self, name) == preset:
+                    changes[name] = None  # __post_init__ fills in the new recipe's preset
         return dataclasses.replace(self, **changes)

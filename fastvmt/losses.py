@@ -181,16 +181,18 @@ def ditflow_flow(
 
 
 def ditflow_loss(flow_gen: torch.Tensor, flow_ref: torch.Tensor) -> torch.Tensor:
-    """DiTFlow's masked MSE ("threshloss"): mean of (gen - ref)^2 over the entries where ref != 0.
+    """DiTFlow's masked MSE ("threshloss"): mean of (gen - ref)^2 over both components of the tokens whose
+    reference displacement is non-zero.
 
-    The mask is per entry (each of dy, dx of each token and pair). Returns 0 (with a graph) when every reference
-    entry is 0. flow_ref is a target (detached).
+    flow_gen, flow_ref: (..., 2). The mask is per token and pair, as DiTFlow's code keeps ``norm(ref, dim=-1) > 0``
+    (a token moving only sideways keeps its vertical component in the loss). Returns 0 (with a graph) when every
+    reference displacement is 0. flow_ref is a target (detached).
     """
-    if flow_gen.shape != flow_ref.shape:
-        raise ValueError(f"flow_gen and flow_ref must have one shape, got {tuple(flow_gen.shape)} and "
+    if flow_gen.shape != flow_ref.shape or flow_ref.shape[-1:] != (2,):
+        raise ValueError(f"flow_gen and flow_ref must have one shape (..., 2), got {tuple(flow_gen.shape)} and "
                          f"{tuple(flow_ref.shape)}")
-    mask = flow_ref.detach() != 0
-    if not mask.any():
+    ref = flow_ref.detach().float()
+    moving = (ref != 0).any(dim=-1)  # norm > 0
+    if not moving.any():
         return flow_gen.sum() * 0.0
-    diff = flow_gen.float()[mask] - flow_ref.detach().float()[mask]
-    return diff.square().mean()
+    return (flow_gen.float()[moving] - ref[moving]).square().mean()

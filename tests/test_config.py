@@ -56,8 +56,13 @@ def test_gradient_reuse_pattern():
         (dict(guided_steps=True), "guided_steps must be an int"),
         (dict(inner_iters=0), "inner_iters must be an int >= 1"),
         (dict(reuse_interval=0), "reuse_interval must be an int >= 1"),
-        (dict(lr_start=-0.1), "lr_start must be a number >= 0"),
-        (dict(temperature=0.0), "temperature must be a number > 0"),
+        (dict(lr_start=-0.1), "lr_start must be a finite number >= 0"),
+        (dict(temperature=0.0), "temperature must be a finite number > 0"),
+        (dict(temperature=float("inf")), "temperature must be a finite number > 0"),
+        (dict(lr_start=float("inf")), "lr_start must be a finite number >= 0"),
+        (dict(eps=float("inf")), "eps must be a finite number > 0"),
+        (dict(weight_decay=float("inf")), "weight_decay must be a finite number >= 0"),
+        (dict(amf_weight=float("inf")), "amf_weight must be a finite number >= 0"),
         (dict(span=0), "span must be an int >= 1"),
         (dict(tile=(3,)), "tile must be two ints"),
         (dict(tile=(3, 0)), "tile must be two ints"),
@@ -94,3 +99,16 @@ def test_gradient_iterations_count_the_schedule():
     assert carried.gradient_iterations == 2 + 9  # iterations 0 and 5, then only 5 (0 reuses the carried gradient)
     assert MotionTransferConfig(recipe="ditflow").gradient_iterations == 50
     assert MotionTransferConfig(guided_steps=0).gradient_iterations == 0
+
+
+def test_replacing_the_recipe_switches_its_presets_but_keeps_explicit_values():
+    assert MotionTransferConfig().replace(recipe="ditflow") == MotionTransferConfig(recipe="ditflow")
+    assert MotionTransferConfig(recipe="ditflow").replace(recipe="fastvmt") == MotionTransferConfig()
+    tuned = MotionTransferConfig(inner_iters=7, temperature=3.0).replace(recipe="ditflow", lr_start=0.01)
+    assert (tuned.inner_iters, tuned.temperature, tuned.lr_start) == (7, 3.0, 0.01)  # explicit values stay
+    assert (tuned.lr_end, tuned.reuse_interval, tuned.lr_schedule) == (0.001, 1, "across_steps")  # presets switch
+
+
+def test_ditflow_ignores_the_fastvmt_loss_weights():
+    config = MotionTransferConfig(recipe="ditflow", amf_weight=0.0, window_weight=0.0)  # refused before
+    assert config.recipe == "ditflow"

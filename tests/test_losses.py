@@ -83,13 +83,16 @@ def test_ditflow_flow_all_ordered_pairs_soft_and_hard():
     assert torch.equal(hard[0], pos[logits.argmax(-1)] - pos)
 
 
-def test_ditflow_loss_masks_zero_reference_entries():
-    ref = torch.tensor([[[[0.0, 2.0], [1.0, 0.0]]]])
-    gen = torch.tensor([[[[5.0, 1.0], [3.0, 7.0]]]], requires_grad=True)
+def test_ditflow_loss_masks_tokens_whose_reference_does_not_move():
+    """DiTFlow's threshloss keeps the tokens with norm(ref) > 0 and averages both components: a token moving only
+    sideways keeps its vertical error (the mask was per component before); a still token drops out."""
+    ref = torch.tensor([[[[0.0, 2.0], [0.0, 0.0], [1.0, 0.0]]]])
+    gen = torch.tensor([[[[5.0, 1.0], [9.0, 9.0], [3.0, 7.0]]]], requires_grad=True)
     loss = ditflow_loss(gen, ref)
-    assert math.isclose(loss.item(), (1.0 + 4.0) / 2)
+    assert math.isclose(loss.item(), (25.0 + 1.0 + 4.0 + 49.0) / 4)
     loss.backward()
-    assert gen.grad[0, 0, 0, 0] == 0 and gen.grad[0, 0, 1, 1] == 0
+    assert gen.grad[0, 0, 0, 0] != 0 and gen.grad[0, 0, 2, 1] != 0  # the zero components of moving tokens count
+    assert (gen.grad[0, 0, 1] == 0).all()  # the still token does not
     assert ditflow_loss(gen, torch.zeros_like(ref)).item() == 0.0
 
 
