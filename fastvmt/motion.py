@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import unwrap_module
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
@@ -39,8 +40,6 @@ class MotionFlow:
 def _lora_scaled(module: torch.nn.Module, scale: float):
     """Inside the block, the PEFT LoRA layers of ``module`` run at ``scale`` (what ``forward``'s
     ``attention_kwargs={"scale": s}`` does for the whole transformer)."""
-    from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
-
     if not USE_PEFT_BACKEND or scale == 1.0:
         yield
         return

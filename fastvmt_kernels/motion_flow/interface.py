@@ -44,8 +44,10 @@ def _validate(q, k, geo: FlowGeometry, span, temperature, head_reduce) -> None:
         )
 
 
-def _validate_windows(windows, q, geo: FlowGeometry, span: int, head_reduce: str) -> None:
-    """Given window origins must have the shape ``return_windows`` gives and lie where the coarse pass can put them."""
+def _checked_windows(windows, q, geo: FlowGeometry, span: int, head_reduce: str) -> torch.Tensor:
+    """Given window origins, which must have the shape ``return_windows`` gives and lie where the coarse pass can put
+    them (checked eagerly; inside a compiled graph, where that data-dependent check cannot be traced, clamped into
+    range as the kernels clamp them)."""
     b, f = q.shape[:2]
     num_pairs = int(make_pairs(f, span, "cpu").shape[0])
     per_head = q.dim() == 5 and head_reduce == "mean_flow"
@@ -59,14 +61,15 @@ def _validate_windows(windows, q, geo: FlowGeometry, span: int, head_reduce: str
     if windows.device != q.device:
         raise ValueError(f"windows must be on q's device {q.device}, got {windows.device}")
     max_y, max_x = geo.max_origin
-    if torch.compiler.is_compiling():  # a data-dependent check cannot be traced: motion_flow clamps them instead
-        return
+    if torch.compiler.is_compiling():
+        return torch.stack((windows[..., 0].clamp(0, max_y), windows[..., 1].clamp(0, max_x)), dim=-1)
     outside = (windows < 0).any() | (windows[..., 0] > max_y).any() | (windows[..., 1] > max_x).any()
     if bool(outside):  # one device-to-host read per call
         raise ValueError(
             f"window origins must lie in [0, {geo.max_origin}] (frame {geo.frame} minus window sides "
             f"{geo.window_sides}), got values in [{int(windows.min())}, {int(windows.max())}]"
         )
+    return windows
 
 
 def _flow_4d(q, k, geo, span, temperature, backend, windows=None):
@@ -157,10 +160,7 @@ def motion_flow(
     geo = FlowGeometry.create(frame_shape, tile, window)
     _validate(q, k, geo, span, temperature, head_reduce)
     if windows is not None:
-        _validate_windows(windows, q, geo, span, head_reduce)
-        if torch.compiler.is_compiling():  # unchecked in a compiled graph: clamp into the frame (as the kernels do)
-            max_y, max_x = geo.max_origin
-            windows = torch.stack((windows[..., 0].clamp(0, max_y), windows[..., 1].clamp(0, max_x)), dim=-1)
+        windows = _checked_windows(windows, q, geo, span, head_reduce)
     chosen = resolve_backend(backend, q.device)
     if q.dim() == 5 and head_reduce == "mean_qk":
         q, k = q.mean(dim=3), k.mean(dim=3)
