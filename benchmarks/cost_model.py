@@ -5,8 +5,10 @@ Run: ``python benchmarks/cost_model.py`` -> ``benchmarks/results/cost_model.md``
 This is a planning aid next to the measured per-phase times of ``bench_pipeline.py`` (GPU): it counts matmul FLOPs
 (2 per multiply-add) of every transformer pass in the schedule that :class:`fastvmt.MotionTransferConfig` defines,
 so the structure of each recipe (passes per step, truncation, reuse, attention density) can be compared before
-measuring. It ignores elementwise work, the VAE, the AMF itself (< 1% of a pass at this size) and kernel
-efficiency, so its ratios are FLOP ratios, not speedups.
+measuring. It ignores elementwise work, the VAE, the AMF itself and kernel efficiency, so its ratios are FLOP
+ratios, not speedups. (The AMF of a gradient iteration: < 1% of its pass with head-averaged Q/K; with DiTFlow's
+logit averaging over 12 x 128 concatenated channels, 441 pairs of 1560 x 1560 logits, forward, checkpointed
+recompute and two backward products: 4 x 2 x 1560^2 x 1536 x 441 = 13.2 TFLOP, ~3% of the ~400 TFLOP pass.)
 """
 from __future__ import annotations
 

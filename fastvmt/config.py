@@ -8,7 +8,7 @@ Two recipes share one code path:
   (only iterations ``j % reuse_interval == 0`` run the transformer), passes truncated at the motion block (Q10).
 - ``recipe="ditflow"``: DiTFlow (arXiv 2412.07776) for side-by-side runs -- global AMF over all ordered frame pairs,
   hard-argmax reference at a clean latent, masked MSE, Adam lr 0.002 -> 0.001 across the guided steps (constant inside
-  a step), 5 iterations, no reuse, temperature 2.
+  a step), 5 iterations, no reuse, temperature 2, attention logits averaged over heads (DiTFlow's code).
 
 Fields left as ``None`` take the recipe's value in ``__post_init__``; after construction every field is concrete.
 """
@@ -21,7 +21,8 @@ from typing import Optional, Tuple, Union
 
 RECIPES = ("fastvmt", "ditflow")
 WINDOW_SOURCES = ("own", "reference")
-HEAD_REDUCTIONS = ("mean_qk", "mean_flow")
+HEAD_REDUCTIONS = ("mean_qk", "mean_flow", "mean_logits")  # = fastvmt_kernels.motion_flow.HEAD_REDUCTIONS
+DITFLOW_HEAD_REDUCTIONS = ("mean_logits", "mean_qk")
 LR_SCHEDULES = ("within_step", "across_steps")
 INIT_LATENTS = ("noise", "reference")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
@@ -37,6 +38,7 @@ _RECIPE_DEFAULTS = {
         weight_decay=0.01,
         reuse_interval=3,
         temperature=1.0,
+        head_reduce="mean_qk",
         reference_noise=REFERENCE_CURRENT_T,
     ),
     "ditflow": dict(
@@ -47,6 +49,7 @@ _RECIPE_DEFAULTS = {
         weight_decay=0.0,
         reuse_interval=1,
         temperature=2.0,
+        head_reduce="mean_logits",
         reference_noise=0.0,
     ),
 }
@@ -85,8 +88,10 @@ class MotionTransferConfig:
         tile: (th, tw) query tile in tokens for the sliding-window AMF (fastvmt only).
         window: side of the square key window in tokens (fastvmt only).
         temperature: *recipe* inverse temperature multiplying the scaled logits (1.0 / 2.0).
-        head_reduce: "mean_qk" averages Q and K over heads before the AMF (FastVMT's intent), "mean_flow" computes a
-            flow per head and averages the flows (fastvmt only).
+        head_reduce: *recipe* ("mean_qk" / "mean_logits") how the heads' Q and K make one flow: "mean_qk" averages Q
+            and K over heads before the AMF (FastVMT's intent); "mean_logits" averages the per-head attention logits
+            before each softmax (DiTFlow's code), i.e. one dot product over the heads' concatenated channels with
+            temperature / sqrt(H); "mean_flow" computes a flow per head and averages the flows (fastvmt only).
         window_source: "own" (each video's coarse pass picks its windows: the paper) or "reference" (the generated
             video's fine pass uses the windows the reference picked, so both soft argmaxes run over the same keys:
             the bias of a windowed soft argmax towards the window centre cancels in the loss, and the guidance
@@ -119,7 +124,7 @@ class MotionTransferConfig:
     tile: Tuple[int, int] = (3, 4)
     window: int = 21
     temperature: Optional[float] = None
-    head_reduce: str = "mean_qk"
+    head_reduce: Optional[str] = None
     window_source: str = "own"
     amf_weight: float = 5.0
     window_weight: float = 1.0
@@ -173,6 +178,9 @@ class MotionTransferConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.head_reduce not in HEAD_REDUCTIONS:
             raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {self.head_reduce!r}")
+        if self.recipe == "ditflow" and self.head_reduce not in DITFLOW_HEAD_REDUCTIONS:
+            raise ValueError(f"the ditflow recipe takes head_reduce in {DITFLOW_HEAD_REDUCTIONS} (its global AMF and "
+                             f"hard-argmax reference are one map per video), got {self.head_reduce!r}")
         if self.window_source not in WINDOW_SOURCES:
             raise ValueError(f"window_source must be one of {WINDOW_SOURCES}, got {self.window_source!r}")
         if self.init_latent not in INIT_LATENTS:

@@ -154,7 +154,9 @@ def ditflow_flow(
     """DiTFlow's global AMF over all ordered frame pairs, self pairs and j < i included.
 
     Args:
-        q, k: (B, F, S, D) (head-averaged, or heads concatenated with temperature / sqrt(H): see motion_flow).
+        q, k: (B, F, S, D): head-averaged, or the heads' concatenated channels that
+            ``fastvmt_kernels.motion_flow.reduce_heads(..., "mean_logits", tau)`` returns with its temperature
+            (DiTFlow's logit averaging).
         frame_shape: (Hf, Wf); temperature: logit multiplier (DiTFlow uses 2).
         hard: arg-max instead of soft-argmax (DiTFlow's reference; no gradient).
         backend: as :func:`fastvmt_kernels.motion_flow` (soft version only).

@@ -6,6 +6,7 @@ block, no attention of that block, no output head (the official code runs 5 bloc
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -27,7 +28,8 @@ class MotionFlow:
         pairs: (P, 2) int64 (i, j) latent-frame pairs.
         windows: fastvmt recipe only -- the int64 window origins returned by ``motion_flow(return_windows=True)``:
             (B, P, n_tiles, 2), or (B, P, H, n_tiles, 2) per head for ``head_reduce="mean_flow"``.
-        key: fastvmt recipe only -- the keys the window loss reads: (B, F, S, D) head-averaged, or (B, F, S, H, D).
+        key: fastvmt recipe only -- the keys the window loss reads (:func:`window_loss_keys`): (B, F, S, D)
+            head-averaged, (B, F, S, H * D) for "mean_logits", or (B, F, S, H, D) for "mean_flow".
     """
 
     flow: torch.Tensor
@@ -186,11 +188,19 @@ def truncated_qk(
     return q.reshape(shape), k.reshape(shape)
 
 
-def reduce_heads(q: torch.Tensor, k: torch.Tensor, head_reduce: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(B, F, S, H, D) -> (B, F, S, D) head means for "mean_qk"; unchanged (per head) for "mean_flow"."""
+def window_loss_keys(k: torch.Tensor, head_reduce: str) -> torch.Tensor:
+    """The keys the corresponding-window loss compares, from per-head k (B, F, S, H, D).
+
+    "mean_qk": the head-averaged keys (B, F, S, D) the flow used; "mean_flow": per head (B, F, S, H, D) with per-head
+    windows (the loss is averaged over heads); "mean_logits": the concatenated channels scaled by 1 / sqrt(H),
+    (B, F, S, H * D), so that the squared distance is the mean over heads of the per-head squared distances (the
+    "mean_flow" loss's scale).
+    """
     if head_reduce == "mean_qk":
-        return q.mean(dim=3), k.mean(dim=3)
-    return q, k
+        return k.mean(dim=3)
+    if head_reduce == "mean_logits":
+        return k.flatten(-2) / math.sqrt(k.shape[3])
+    return k
 
 
 def compute_flow(
@@ -208,17 +218,15 @@ def compute_flow(
     both videos; ``windows`` (another flow's ``.windows``, batch 1 or B) replaces the coarse pass. ditflow: global
     AMF over all ordered pairs, hard argmax for the reference (``reference=True``).
     """
-    q, k = reduce_heads(q, k, config.head_reduce)
-    if config.recipe == "ditflow":
+    from fastvmt_kernels.motion_flow import motion_flow, reduce_heads
+
+    if config.recipe == "ditflow":  # head_reduce "mean_logits" (DiTFlow's) or "mean_qk" (checked by the config)
         from .losses import ditflow_flow
 
-        if q.dim() == 5:  # mean_flow is not part of DiTFlow's recipe; average the logits' inputs as mean_qk
-            q, k = q.mean(dim=3), k.mean(dim=3)
-        flow, pairs = ditflow_flow(
-            q, k, frame_shape, temperature=config.temperature, hard=reference, backend=config.kernel_backend
-        )
+        q, k, temperature = reduce_heads(q, k, config.head_reduce, config.temperature)
+        flow, pairs = ditflow_flow(q, k, frame_shape, temperature=temperature, hard=reference,
+                                   backend=config.kernel_backend)
         return MotionFlow(flow=flow, pairs=pairs)
-    from fastvmt_kernels.motion_flow import motion_flow
 
     if windows is not None and windows.shape[0] != q.shape[0]:
         windows = windows.expand(q.shape[0], *windows.shape[1:])
@@ -235,7 +243,7 @@ def compute_flow(
         return_windows=True,
         windows=windows,
     )
-    return MotionFlow(flow=flow, pairs=pairs, windows=windows, key=k)
+    return MotionFlow(flow=flow, pairs=pairs, windows=windows, key=window_loss_keys(k, config.head_reduce))
 
 
 def motion_loss(

@@ -20,7 +20,17 @@ def test_ditflow_preset_and_overrides():
     assert (cfg.inner_iters, cfg.lr_start, cfg.lr_end, cfg.lr_schedule) == (5, 0.002, 0.001, "across_steps")
     assert (cfg.weight_decay, cfg.reuse_interval, cfg.temperature, cfg.reference_noise) == (0.0, 1, 2.0, 0.0)
     assert cfg.reference_is_fixed
+    assert cfg.head_reduce == "mean_logits"  # DiTFlow averages the per-head logits
     assert MotionTransferConfig(recipe="ditflow", inner_iters=7).inner_iters == 7
+    assert MotionTransferConfig(recipe="ditflow", head_reduce="mean_qk").head_reduce == "mean_qk"
+
+
+def test_head_reductions_are_the_kernels():
+    from fastvmt.config import HEAD_REDUCTIONS
+    from fastvmt_kernels.motion_flow import HEAD_REDUCTIONS as KERNEL_HEAD_REDUCTIONS
+
+    assert HEAD_REDUCTIONS == KERNEL_HEAD_REDUCTIONS
+    assert MotionTransferConfig(head_reduce="mean_logits").head_reduce == "mean_logits"
 
 
 def test_within_step_lr_matches_official_schedule():
@@ -68,6 +78,7 @@ def test_gradient_reuse_pattern():
         (dict(tile=(3, 0)), "tile must be two ints"),
         (dict(window=0), "window must be an int >= 1"),
         (dict(head_reduce="max"), "head_reduce must be one of"),
+        (dict(recipe="ditflow", head_reduce="mean_flow"), "the ditflow recipe takes head_reduce in"),
         (dict(window_source="target"), "window_source must be one of"),
         (dict(lr_schedule="cosine"), "lr_schedule must be one of"),
         (dict(init_latent="image"), "init_latent must be one of"),
@@ -107,6 +118,8 @@ def test_replacing_the_recipe_switches_its_presets_but_keeps_explicit_values():
     tuned = MotionTransferConfig(inner_iters=7, temperature=3.0).replace(recipe="ditflow", lr_start=0.01)
     assert (tuned.inner_iters, tuned.temperature, tuned.lr_start) == (7, 3.0, 0.01)  # explicit values stay
     assert (tuned.lr_end, tuned.reuse_interval, tuned.lr_schedule) == (0.001, 1, "across_steps")  # presets switch
+    assert tuned.head_reduce == "mean_logits"
+    assert MotionTransferConfig(recipe="ditflow").replace(recipe="fastvmt").head_reduce == "mean_qk"
 
 
 def test_ditflow_ignores_the_fastvmt_loss_weights():

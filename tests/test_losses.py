@@ -70,6 +70,44 @@ def test_corresponding_window_loss_with_kernel_windows_per_head():
     assert short.item() == 0.0  # pairs (0,0), (0,1): no frame with two targets
 
 
+def test_mean_logits_window_keys_average_the_per_head_window_loss():
+    """With shared windows, the window loss on window_loss_keys(k, "mean_logits") (the heads' channels concatenated,
+    / sqrt(H)) is the mean over heads of each head's window loss: the "mean_flow" scale."""
+    from fastvmt.motion import window_loss_keys
+
+    heads = 3
+    q, k = torch.randn(2, 4, 20, heads, 8), torch.randn(2, 4, 20, heads, 8)
+    kwargs = dict(tile=(2, 2), window=3, span=3, backend="torch", return_windows=True, head_reduce="mean_logits")
+    _, pairs, windows = motion_flow(q, k, (4, 5), **kwargs)
+    keys = window_loss_keys(k, "mean_logits")
+    assert keys.shape == (2, 4, 20, heads * 8)
+    loss = corresponding_window_loss(keys, windows, pairs, (4, 5), 3)
+    per_head = [corresponding_window_loss(k[:, :, :, h], windows, pairs, (4, 5), 3) for h in range(heads)]
+    assert_rel_close(loss, torch.stack(per_head).mean(), 1e-6, "mean_logits window loss")
+    assert torch.equal(window_loss_keys(k, "mean_qk"), k.mean(3)) and window_loss_keys(k, "mean_flow") is k
+
+
+def test_ditflow_recipe_flow_is_ditflows_code():
+    """The ditflow recipe's flows follow DiTFlow's compute_motion_flow: per-head logits q_h.k_h / sqrt(D) averaged
+    over heads, times the temperature, softmax over frame j; soft-argmax for the generated video and the arg-max
+    key for the reference; all ordered pairs."""
+    from fastvmt.config import MotionTransferConfig
+    from fastvmt.motion import compute_flow
+
+    frame, f, heads, dim = (3, 4), 3, 4, 8
+    q, k = torch.randn(1, f, 12, heads, dim), torch.randn(1, f, 12, heads, dim)
+    config = MotionTransferConfig(recipe="ditflow")
+    soft = compute_flow(q, k, frame, config, reference=False)
+    hard = compute_flow(q, k, frame, config, reference=True)
+    ys, xs = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).float()
+    logits = torch.stack([torch.einsum("shd,thd->hst", q[0, i], k[0, j]).mean(0) / math.sqrt(dim)
+                          for i in range(f) for j in range(f)])
+    assert soft.pairs.tolist() == [[i, j] for i in range(f) for j in range(f)]
+    assert_rel_close(soft.flow[0], torch.softmax(config.temperature * logits, -1) @ pos - pos, 1e-5, "soft")
+    assert torch.equal(hard.flow[0], pos[logits.argmax(-1)] - pos)
+
+
 def test_ditflow_flow_all_ordered_pairs_soft_and_hard():
     frame, f, dim = (3, 4), 3, 16
     q, k = torch.randn(1, f, 12, dim), torch.randn(1, f, 12, dim)

@@ -10,10 +10,12 @@ from fastvmt_kernels.motion_flow import FlowGeometry, make_pairs
 from fastvmt_kernels.motion_flow import op as flow_op
 from fastvmt_kernels.motion_flow.reference import motion_flow_reference
 
-# (frame, tile, window, span): ragged tiles on both axes, a non-square window, a window wider than the frame.
+# (frame, tile, window, span): ragged tiles on both axes, a non-square window, a window wider than the frame, a
+# window covering the whole frame (the reference's dense global path) with ragged tiles.
 GEOMETRIES = [
     ((5, 7), (2, 3), 3, 2),
     ((4, 6), (3, 4), (2, 7), 3),
+    ((4, 6), (3, 4), 6, 2),
 ]
 
 
@@ -196,6 +198,56 @@ def test_five_dim_head_reductions(device, backend):
     assert_rel_close(mean_qk, motion_flow(q.mean(3), k.mean(3), frame, **kwargs)[0], 1e-6, "mean_qk")
 
 
+def _dense_mean_logit_flow(q, k, frame, pairs, temperature):
+    """DiTFlow's AMF written out: per-head logits temperature * q_h.k_h / sqrt(D), averaged over heads, softmax over
+    frame j, expected key position minus own position. q, k: (B, F, S, H, D). Returns (B, P, S, 2)."""
+    d = q.shape[-1]
+    ys, xs = torch.meshgrid(torch.arange(frame[0]), torch.arange(frame[1]), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).double().to(q.device)
+    out = []
+    for i, j in pairs.tolist():
+        logits = torch.einsum("bshd,bthd->bhst", q[:, i].double(), k[:, j].double()).mean(1) / math.sqrt(d)
+        out.append(torch.softmax(temperature * logits, -1) @ pos - pos)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mean_logits_is_ditflows_head_averaged_logits(device, backend):
+    """head_reduce="mean_logits" averages the per-head attention logits before each softmax (DiTFlow's code), which
+    is not the flow of head-averaged q, k; a window covering the frame makes it DiTFlow's global AMF."""
+    frame, heads, dim, temperature = (3, 4), 3, 16, 2.0
+    q, k = _inputs((2, 3, 12, heads, dim), torch.float32, device, scale=1.5)
+    kwargs = dict(tile=(2, 2), window=4, span=3, temperature=temperature, backend=backend, head_reduce="mean_logits")
+    flow, pairs, windows = motion_flow(q, k, frame, return_windows=True, **kwargs)
+    assert windows.shape == (2, pairs.shape[0], 4, 2) and torch.equal(windows, torch.zeros_like(windows))
+    want = _dense_mean_logit_flow(q.detach(), k.detach(), frame, pairs, temperature)
+    assert_rel_close(flow, want.float(), 1e-5, "mean_logits global flow")
+    mean_qk = motion_flow(q, k, frame, **dict(kwargs, head_reduce="mean_qk"))[0]
+    assert (flow - mean_qk).abs().max() > 0.05  # a different reduction, not a relabelled one
+    # Gradients, and a local window (the coarse pass on the concatenated channels), against the torch reference.
+    grad = torch.randn(flow.shape, device=device)
+    local = dict(kwargs, window=3)
+    got = _flow_and_grads(lambda a, b: motion_flow(a, b, frame, **local)[0], q, k, grad)
+    want = _flow_and_grads(lambda a, b: motion_flow(a, b, frame, **dict(local, backend="torch"))[0], q, k, grad)
+    for label, a, b in zip(("flow", "dq", "dk"), got, want):
+        assert_rel_close(a, b, 1e-5, label)
+    assert got[1].abs().sum() > 0 and got[2].abs().sum() > 0
+
+
+def test_auto_backend_takes_the_reference_for_channels_the_kernels_do_not_compile(device, monkeypatch):
+    """"auto" on CUDA picks the kernels only for inputs they take: mean_logits over 12 heads x 32 channels
+    (D' = 384 > 256) runs on the reference instead of raising, while backend="triton" still says why it cannot."""
+    from fastvmt_kernels.motion_flow import interface
+
+    monkeypatch.setattr(interface, "resolve_backend", lambda backend, dev: "torch" if backend == "torch" else "triton")
+    q, k = _inputs((1, 2, 12, 12, 32), torch.float32, device)
+    kwargs = dict(tile=(2, 2), window=3, span=2, head_reduce="mean_logits")
+    got = motion_flow(q, k, (3, 4), backend="auto", **kwargs)[0]
+    assert_rel_close(got, motion_flow(q, k, (3, 4), backend="torch", **kwargs)[0], 1e-6, "auto -> torch")
+    with pytest.raises(ValueError, match="D a multiple of 16 up to 256, got D = 384"):
+        motion_flow(q, k, (3, 4), backend="triton", **kwargs)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_given_windows_replace_the_coarse_pass(device, backend):
     frame, tile, window, span = (5, 7), (2, 3), 3, 2
@@ -251,6 +303,24 @@ def test_bad_given_windows_raise(windows, match):
     q, k = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
     with pytest.raises(ValueError, match=match):
         motion_flow(q, k, (4, 5), tile=(2, 2), window=3, span=2, windows=windows)
+
+
+def test_reference_global_path_matches_its_tiled_gather(monkeypatch):
+    """Whole-frame windows take a dense S x S path in the reference; forcing the tiled gather gives the same flow
+    and gradients (batch 2, ragged tiles, pairs split over chunks)."""
+    from fastvmt_kernels.motion_flow import reference
+
+    geo = FlowGeometry.create((5, 7), (2, 3), 9)
+    assert geo.covers_frame
+    assert reference.chunk_pairs_for(1, 1536, FlowGeometry.create((30, 52), (4, 4), 52)) >= 8  # was 1 per chunk
+    q, k = _inputs((2, 4, 35, 16), torch.float32, "cpu", scale=1.5)
+    grad = torch.randn(2, make_pairs(4, 3).shape[0], 35, 2)
+    run = lambda a, b: motion_flow_reference(a, b, geo, 3, 2.0, chunk_pairs=2)[0]  # noqa: E731
+    dense = _flow_and_grads(run, q, k, grad)
+    monkeypatch.setattr(FlowGeometry, "covers_frame", property(lambda self: False))
+    gathered = _flow_and_grads(run, q, k, grad)
+    for label, a, b in zip(("flow", "dq", "dk"), dense, gathered):
+        assert_rel_close(a, b, 1e-6, label)
 
 
 def test_reference_chunking_does_not_change_result():
@@ -434,6 +504,7 @@ def test_reference_math_stays_fp32_under_autocast():
         (dict(q=torch.zeros(2, 20, 16)), "q must have 4 dims"),
         (dict(k=torch.zeros(1, 2, 20, 32)), "same shape"),
         (dict(head_reduce="mean_flow"), "needs per-head q, k"),
+        (dict(head_reduce="mean_logits"), "head_reduce='mean_logits' needs per-head q, k"),
         (dict(head_reduce="max"), "head_reduce must be one of"),
         (dict(temperature=0.0), "temperature must be a positive finite float"),
         (dict(tile=(3,)), "tile must be 2 positive ints"),

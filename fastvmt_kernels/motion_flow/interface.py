@@ -12,7 +12,7 @@ from ..index_math import SMALL_DIVMOD_MAX_D, SMALL_DIVMOD_MAX_N
 from .geometry import FlowGeometry, make_pairs
 from .reference import motion_flow_reference
 
-HEAD_REDUCTIONS = ("mean_qk", "mean_flow")
+HEAD_REDUCTIONS = ("mean_qk", "mean_flow", "mean_logits")
 # Head dims the Triton kernels compile for: multiples of TRITON_DIM_MULTIPLE up to TRITON_MAX_DIM.
 TRITON_DIM_MULTIPLE = 16
 TRITON_MAX_DIM = 256
@@ -39,9 +39,45 @@ def _validate(q, k, geo: FlowGeometry, span, temperature, head_reduce) -> None:
         raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}")
     if rank == 4 and head_reduce != "mean_qk":
         raise ValueError(
-            "head_reduce='mean_flow' needs per-head q, k of shape (B, F, S, H, D); "
+            f"head_reduce={head_reduce!r} needs per-head q, k of shape (B, F, S, H, D); "
             f"got 4-D q {tuple(q.shape)} (already head-averaged: use head_reduce='mean_qk')"
         )
+
+
+def reduce_heads(
+    q: torch.Tensor, k: torch.Tensor, head_reduce: str, temperature: float
+) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-head q, k (B, F, S, H, D) -> the (q, k, temperature) the flow of ``head_reduce`` is computed from.
+
+    - "mean_qk": q and k averaged over heads, (B, F, S, D); temperature unchanged (FastVMT).
+    - "mean_logits": heads' channels concatenated, (B, F, S, H * D), temperature / sqrt(H): the logits
+      ``temperature * (q_cat . k_cat) / sqrt(H * D) / sqrt(H)`` equal the per-head logits
+      ``temperature * q_h . k_h / sqrt(D)`` averaged over heads, DiTFlow's head handling.
+    - "mean_flow": unchanged (each head's flow is computed, then the flows are averaged).
+    4-D inputs (already reduced by the caller) are returned unchanged.
+    """
+    if q.dim() != 5 or head_reduce == "mean_flow":
+        return q, k, temperature
+    if head_reduce == "mean_qk":
+        return q.mean(dim=3), k.mean(dim=3), temperature
+    if head_reduce == "mean_logits":
+        heads = q.shape[3]
+        return q.flatten(-2), k.flatten(-2), temperature / math.sqrt(heads)
+    raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}")
+
+
+def triton_unsupported_reason(q: torch.Tensor, geo: FlowGeometry) -> Optional[str]:
+    """None when the Triton kernels take (B, F, S, D) inputs ``q`` of frames ``geo``, else the reason they do not."""
+    dim = q.shape[-1]
+    if dim % TRITON_DIM_MULTIPLE or dim > TRITON_MAX_DIM:
+        return f"the triton backend needs D a multiple of {TRITON_DIM_MULTIPLE} up to {TRITON_MAX_DIM}, got D = {dim}"
+    # The kernels' index arithmetic (fastvmt_kernels.index_math) covers frames below these sizes.
+    if geo.frame[1] > SMALL_DIVMOD_MAX_D or geo.num_tokens + TRITON_INDEX_SLACK >= SMALL_DIVMOD_MAX_N:
+        return (
+            f"the triton backend supports frames up to {SMALL_DIVMOD_MAX_D} tokens wide and "
+            f"{SMALL_DIVMOD_MAX_N - TRITON_INDEX_SLACK - 1} tokens in all, got {geo.frame}"
+        )
+    return None
 
 
 def _checked_windows(windows, q, geo: FlowGeometry, span: int, head_reduce: str) -> torch.Tensor:
@@ -79,20 +115,11 @@ def _flow_4d(q, k, geo, span, temperature, backend, windows=None):
     """
     if backend == "torch":
         return motion_flow_reference(q, k, geo, span, float(temperature), origins=windows)
-    dim = q.shape[-1]
-    if dim % TRITON_DIM_MULTIPLE or dim > TRITON_MAX_DIM:
-        raise ValueError(
-            f"the triton backend needs D a multiple of {TRITON_DIM_MULTIPLE} up to {TRITON_MAX_DIM}, got D = {dim}; "
-            "use backend='torch' for other head dims"
-        )
+    unsupported = triton_unsupported_reason(q, geo)
+    if unsupported:
+        raise ValueError(unsupported + "; use backend='torch' (or 'auto')")
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
-    # The kernels' index arithmetic (fastvmt_kernels.index_math) covers frames below these sizes.
-    if geo.frame[1] > SMALL_DIVMOD_MAX_D or geo.num_tokens + TRITON_INDEX_SLACK >= SMALL_DIVMOD_MAX_N:
-        raise ValueError(
-            f"the triton backend supports frames up to {SMALL_DIVMOD_MAX_D} tokens wide and "
-            f"{SMALL_DIVMOD_MAX_N - TRITON_INDEX_SLACK - 1} tokens in all, got {geo.frame}; use backend='torch'"
-        )
     from .op import motion_flow_triton
 
     return motion_flow_triton(q, k, geo, span, float(temperature), windows)
@@ -128,10 +155,10 @@ def motion_flow(
     Gradients reach q and k through the fine pass only; window origins are constants.
 
     Heads: 4-D q, k are head-averaged by the caller (FastVMT's ``mean_qk``). 5-D q, k (B, F, S, H, D) take
-    ``head_reduce="mean_qk"`` (q and k averaged over heads here) or ``"mean_flow"`` (each head runs its own coarse
-    and fine pass; the flows are averaged over heads). DiTFlow averages the per-head logits, which equals one dot
-    product over all heads' concatenated channels divided by H: pass ``q.flatten(-2)``, ``k.flatten(-2)`` (D' = H*D)
-    as 4-D inputs with ``temperature = tau / sqrt(H)`` to reproduce DiTFlow's temperature ``tau``.
+    ``head_reduce="mean_qk"`` (q and k averaged over heads here), ``"mean_flow"`` (each head runs its own coarse
+    and fine pass; the flows are averaged over heads) or ``"mean_logits"`` (DiTFlow's: the per-head logits
+    ``temperature * q_h.k_h / sqrt(D)`` are averaged over heads before each softmax, computed as one dot product over
+    the heads' concatenated channels, D' = H * D, with temperature / sqrt(H); see :func:`reduce_heads`).
 
     Args:
         q, k: (B, F, S, D) or (B, F, S, H, D); S = Hf * Wf tokens of one frame in raster order (y, then x).
@@ -141,9 +168,10 @@ def motion_flow(
         window: window side in tokens, an int or (wy, wx); each >= 1 (a window larger than the frame is clamped).
         span: temporal extent (>= 1): frame i is paired with i, ..., i + span - 1.
         temperature: positive logit multiplier.
-        backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise), "triton" (CUDA, or CPU under
-            TRITON_INTERPRET=1; D a multiple of 16 up to 256) or "torch" (chunked fp32 reference, any D).
-        head_reduce: "mean_qk" or "mean_flow" (5-D inputs only), see above.
+        backend: "auto" (Triton for CUDA tensors the kernels take, the PyTorch reference otherwise, e.g. for
+            ``mean_logits`` with H * D > 256), "triton" (CUDA, or CPU under TRITON_INTERPRET=1; D -- H * D for
+            ``mean_logits`` -- a multiple of 16 up to 256) or "torch" (chunked fp32 reference, any D).
+        head_reduce: "mean_qk", "mean_flow" or "mean_logits" (the last two for 5-D inputs only), see above.
         return_windows: also return the window origins.
         windows: optional window origins to use instead of the coarse pass, in the layout ``return_windows`` gives
             (e.g. another video's windows, so that two flows are soft-argmaxes over the same key windows and the
@@ -153,17 +181,18 @@ def motion_flow(
 
     Returns:
         ``flow`` (B, P, S, 2) float32, (dy, dx) per token of frame i in raster order; ``pairs`` (P, 2) int64 on q's
-        device; with ``return_windows`` also ``windows`` int64 (oy, ox) origins: (B, P, n_tiles, 2) for 4-D inputs
-        and ``mean_qk``, (B, P, H, n_tiles, 2) for ``mean_flow`` (one origin per head); tiles in raster order over
+        device; with ``return_windows`` also ``windows`` int64 (oy, ox) origins: (B, P, n_tiles, 2) for 4-D inputs,
+        ``mean_qk`` and ``mean_logits``, (B, P, H, n_tiles, 2) for ``mean_flow`` (one origin per head); tiles in raster order over
         the ``(ceil(Hf / th), ceil(Wf / tw))`` tile grid of frame i.
     """
     geo = FlowGeometry.create(frame_shape, tile, window)
     _validate(q, k, geo, span, temperature, head_reduce)
     if windows is not None:
         windows = _checked_windows(windows, q, geo, span, head_reduce)
+    q, k, temperature = reduce_heads(q, k, head_reduce, temperature)
     chosen = resolve_backend(backend, q.device)
-    if q.dim() == 5 and head_reduce == "mean_qk":
-        q, k = q.mean(dim=3), k.mean(dim=3)
+    if backend == "auto" and chosen == "triton" and triton_unsupported_reason(q, geo):
+        chosen = "torch"  # e.g. mean_logits over Wan's 12 x 128 channels (D' = 1536)
     if q.dim() == 4:
         flow, pairs, windows = _flow_4d(q, k, geo, span, temperature, chosen, windows)
     else:

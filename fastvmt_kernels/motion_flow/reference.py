@@ -3,7 +3,8 @@
 Memory-bounded: frame pairs are processed in chunks whose largest intermediate (the gathered window keys,
 ``(B, C, n_tiles, l_y*l_x, D)`` fp32) stays under CHUNK_BYTES; with gradients each chunk's fine pass is
 recomputed in backward (activation checkpointing), so no chunk's intermediates outlive it. No S x S map is
-ever formed unless the window is the whole frame (then the fine pass *is* the S x S soft-argmax of one chunk).
+ever formed unless the window is the whole frame (then the fine pass *is* the S x S soft-argmax of one chunk, computed
+densely without gathering the keys per tile).
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def fine_flow(
     Returns:
         (B, C, S, 2) fp32 absolute flow (dy, dx), raster order of frame i's tokens.
     """
+    if geo.covers_frame:  # every window is the whole frame: one dense S x S soft-argmax per pair, no key gather
+        return _global_fine_flow(q, k, pair_i, pair_j, geo, logit_scale)
     b, _, seq, dim = q.shape
     c = pair_i.numel()
     index, valid = geo.tile_tokens(q.device)
@@ -82,9 +85,24 @@ def fine_flow(
     return flow_tiles[:, :, valid][:, :, inverse]
 
 
+def _global_fine_flow(q, k, pair_i, pair_j, geo: FlowGeometry, logit_scale: float) -> torch.Tensor:
+    """The fine pass when every window is the whole frame: (B, C, S, 2) dense soft-argmax, raster order.
+
+    Equal to the tiled gather of :func:`fine_flow` (whose window keys would be the frame's keys once per tile, e.g.
+    104 copies for 4 x 4 tiles of a 30 x 52 frame), without the copies."""
+    pos = geo.token_positions(q.device)
+    with torch.autocast(q.device.type, enabled=False):  # fp32 also in an autocast region
+        logits = torch.einsum("bcsd,bctd->bcst", q[:, pair_i].float(), k[:, pair_j].float()) * logit_scale
+        return torch.softmax(logits, dim=-1) @ pos - pos
+
+
 def chunk_pairs_for(batch: int, dim: int, geo: FlowGeometry) -> int:
-    """Pairs per chunk so that the gathered window keys and the coarse logits stay under CHUNK_BYTES."""
-    per_pair = FP32_BYTES * batch * geo.num_tiles * max(geo.window_size * dim, geo.num_tokens)
+    """Pairs per chunk so that the gathered window keys and the coarse logits (for whole-frame windows: the S x S
+    logits and the pair's query and key copies) stay under CHUNK_BYTES."""
+    if geo.covers_frame:
+        per_pair = FP32_BYTES * batch * geo.num_tokens * (geo.num_tokens + 2 * dim)
+    else:
+        per_pair = FP32_BYTES * batch * geo.num_tiles * max(geo.window_size * dim, geo.num_tokens)
     return max(1, CHUNK_BYTES // max(1, per_pair))
 
 
