@@ -6,9 +6,8 @@ This is a planning aid next to the measured per-phase times of ``bench_pipeline.
 (2 per multiply-add) of every transformer pass in the schedule that :class:`fastvmt.MotionTransferConfig` defines,
 so the structure of each recipe (passes per step, truncation, reuse, attention density) can be compared before
 measuring. It ignores elementwise work, the VAE, the AMF itself and kernel efficiency, so its ratios are FLOP
-ratios, not speedups. (The AMF of a gradient iteration: < 1% of its pass with head-averaged Q/K; with DiTFlow's
-logit averaging over 12 x 128 concatenated channels, 441 pairs of 1560 x 1560 logits, forward, checkpointed
-recompute and two backward products: 4 x 2 x 1560^2 x 1536 x 441 = 13.2 TFLOP, ~3% of the ~400 TFLOP pass.)
+ratios, not speedups. The AMF's own matmul FLOPs per gradient iteration are stated beside the table
+(:func:`global_amf_flops`): small against a pass, also with DiTFlow's logit averaging over all heads' channels.
 """
 from __future__ import annotations
 
@@ -48,6 +47,20 @@ class WanShape:
         return projections + self_attention + cross_attention + ffn
 
 
+# DiTFlow's global AMF per gradient iteration: the logits' forward, their recompute (the reference checkpoints each
+# chunk of pairs), and the dq and dk products of backward -- four S x S x C matmuls per pair.
+GLOBAL_AMF_MATMULS = 4
+FRAME_TOKENS = 30 * 52
+LATENT_FRAMES = 21
+HEADS, HEAD_DIM = 12, 128
+
+
+def global_amf_flops(channels: int, frames: int = LATENT_FRAMES, frame_tokens: int = FRAME_TOKENS) -> float:
+    """Matmul FLOPs of one gradient iteration's global AMF over all frames^2 ordered pairs with ``channels`` per
+    logit (HEAD_DIM for head-averaged Q/K, HEADS * HEAD_DIM for DiTFlow's per-head logits averaged)."""
+    return GLOBAL_AMF_MATMULS * 2 * frame_tokens**2 * channels * frames**2
+
+
 def variant_flops(shape: WanShape, config: MotionTransferConfig, steps: int, guidance_density: float,
                   denoise_density: float, guided: bool, checkpointing: bool) -> dict:
     """Per-video FLOPs split by phase for one variant."""
@@ -73,6 +86,7 @@ def main() -> int:
     steps = 50
     fastvmt, ditflow = MotionTransferConfig(), MotionTransferConfig(recipe="ditflow")
     carried = fastvmt.replace(reuse_interval=5, carry_gradient_across_steps=True)
+    grad_pass_flops = ditflow.motion_block * shape.block_flops() * (1 + BACKWARD_FACTOR)
     variants = [
         ("plain generation", fastvmt, 1.0, 1.0, False),
         ("ditflow recipe", ditflow, 1.0, 1.0, True),
@@ -95,6 +109,13 @@ def main() -> int:
         f"{fastvmt.inner_iters} iterations, reuse every {fastvmt.reuse_interval}, motion block {fastvmt.motion_block}; "
         f"ditflow {ditflow.guided_steps} x {ditflow.inner_iters}, no reuse, reference computed once",
         "- backward = 2x forward; 'ckpt' adds one recomputed forward per gradient pass",
+        f"- not in the table, the ditflow recipe's global AMF per gradient iteration ({LATENT_FRAMES}^2 pairs of "
+        f"{FRAME_TOKENS} x {FRAME_TOKENS} logits, {GLOBAL_AMF_MATMULS} matmuls each): "
+        f"{global_amf_flops(HEADS * HEAD_DIM) / 1e12:.1f} TFLOP with DiTFlow's per-head logits averaged "
+        f"({HEADS} x {HEAD_DIM} channels, head_reduce='mean_logits') = "
+        f"{global_amf_flops(HEADS * HEAD_DIM) / grad_pass_flops:.1%} of its "
+        f"{grad_pass_flops / 1e12:.0f} TFLOP gradient pass; {global_amf_flops(HEAD_DIM) / 1e12:.2f} TFLOP with "
+        f"head-averaged Q and K ({global_amf_flops(HEAD_DIM) / grad_pass_flops:.2%})",
         "- 'k = 5 carried': reuse_interval=5 with carry_gradient_across_steps=True, the reuse setting of the testbed "
         "recipe (as accurate as no reuse there, benchmarks/results/testbed_sweep.md); its quality on Wan2.1 is not "
         "measured",

@@ -245,10 +245,13 @@ class MotionTransferConfig:
         """A validated copy with ``changes`` applied. Changing ``recipe`` switches the recipe-dependent fields that
         still hold the old recipe's presets to the new recipe's (fields set to other values, and those in
         ``changes``, are kept), so ``MotionTransferConfig().replace(recipe="ditflow")`` equals
-        ``MotionTransferConfig(recipe="ditflow")``."""
+        ``MotionTransferConfig(recipe="ditflow")``. A ``head_reduce`` the new recipe does not take ("mean_flow" for
+        ditflow) switches to its preset too."""
         new_recipe = changes.get("recipe", self.recipe)
         if new_recipe != self.recipe and self.recipe in _RECIPE_DEFAULTS:
             for name, preset in _RECIPE_DEFAULTS[self.recipe].items():
                 if name not in changes and getattr(self, name) == preset:
                     changes[name] = None  # __post_init__ fills in the new recipe's preset
+            if new_recipe == "ditflow" and "head_reduce" not in changes and self.head_reduce not in DITFLOW_HEAD_REDUCTIONS:
+                changes["head_reduce"] = None
         return dataclasses.replace(self, **changes)

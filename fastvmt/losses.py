@@ -172,12 +172,15 @@ def ditflow_flow(
     pairs = _all_pairs(f, q.device)
     if hard:
         return _hard_global_flow(q, k, geo, pairs), pairs
-    kwargs = dict(tile=(4, 4), window=max(geo.frame), span=f, temperature=temperature, backend=backend)
-    forward, fwd_pairs = motion_flow(q, k, geo.frame, **kwargs)  # i <= j
-    backward, bwd_pairs = motion_flow(q.flip(1), k.flip(1), geo.frame, **kwargs)  # reversed time: i >= j
-    strict = bwd_pairs[:, 0] < bwd_pairs[:, 1]
-    bwd_pairs = (f - 1) - bwd_pairs[strict]
-    flow = torch.cat([forward, backward[:, strict]], dim=1)
+    kwargs = dict(tile=(4, 4), window=max(geo.frame), temperature=temperature, backend=backend)
+    forward, fwd_pairs = motion_flow(q, k, geo.frame, span=f, **kwargs)  # i <= j
+    if f == 1:
+        return forward, pairs
+    # j < i, each pair once: queries of frames F-1..1 against keys of frames F-2..0; the call's pair (a, b), a <= b,
+    # is query frame F-1-a and key frame F-2-b <= F-2-a.
+    backward, rev_pairs = motion_flow(q.flip(1)[:, :-1], k.flip(1)[:, 1:], geo.frame, span=f - 1, **kwargs)
+    bwd_pairs = torch.stack([(f - 1) - rev_pairs[:, 0], (f - 2) - rev_pairs[:, 1]], dim=1)
+    flow = torch.cat([forward, backward], dim=1)
     slot = torch.cat([fwd_pairs[:, 0] * f + fwd_pairs[:, 1], bwd_pairs[:, 0] * f + bwd_pairs[:, 1]])
     return flow[:, torch.argsort(slot)], pairs
 

@@ -119,6 +119,10 @@ def test_replacing_the_recipe_switches_its_presets_but_keeps_explicit_values():
     assert (tuned.inner_iters, tuned.temperature, tuned.lr_start) == (7, 3.0, 0.01)  # explicit values stay
     assert (tuned.lr_end, tuned.reuse_interval, tuned.lr_schedule) == (0.001, 1, "across_steps")  # presets switch
     assert tuned.head_reduce == "mean_logits"
+    # A head handling the ditflow recipe refuses (per-head flows, e.g. the testbed's FastVMT) switches to its preset.
+    assert MotionTransferConfig(head_reduce="mean_flow").replace(recipe="ditflow").head_reduce == "mean_logits"
+    with pytest.raises(ValueError, match="the ditflow recipe takes head_reduce"):
+        MotionTransferConfig(head_reduce="mean_flow").replace(recipe="ditflow", head_reduce="mean_flow")
     assert MotionTransferConfig(recipe="ditflow").replace(recipe="fastvmt").head_reduce == "mean_qk"
 
 

@@ -121,6 +121,25 @@ def test_ditflow_flow_all_ordered_pairs_soft_and_hard():
     assert torch.equal(hard[0], pos[logits.argmax(-1)] - pos)
 
 
+def test_ditflow_flow_computes_each_ordered_pair_once(monkeypatch):
+    """F^2 pairs in all (the time-reversed call used to recompute the F self pairs and drop them), for F = 1 too."""
+    import fastvmt.losses as losses_module
+
+    computed = []
+
+    def counting(q, k, *args, **kwargs):
+        flow, pairs = motion_flow(q, k, *args, **kwargs)
+        computed.append(pairs.shape[0])
+        return flow, pairs
+
+    monkeypatch.setattr(losses_module, "motion_flow", counting)
+    for f in (1, 4):
+        computed.clear()
+        q, k = torch.randn(2, f, 12, 16), torch.randn(2, f, 12, 16)
+        flow, pairs = ditflow_flow(q, k, (3, 4), backend="torch")
+        assert sum(computed) == f * f == pairs.shape[0] and flow.shape == (2, f * f, 12, 2)
+
+
 def test_ditflow_loss_masks_tokens_whose_reference_does_not_move():
     """DiTFlow's threshloss keeps the tokens with norm(ref) > 0 and averages both components: a token moving only
     sideways keeps its vertical error (the mask was per component before); a still token drops out."""

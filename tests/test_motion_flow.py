@@ -224,11 +224,14 @@ def test_mean_logits_is_ditflows_head_averaged_logits(device, backend):
     assert_rel_close(flow, want.float(), 1e-5, "mean_logits global flow")
     mean_qk = motion_flow(q, k, frame, **dict(kwargs, head_reduce="mean_qk"))[0]
     assert (flow - mean_qk).abs().max() > 0.05  # a different reduction, not a relabelled one
-    # Gradients, and a local window (the coarse pass on the concatenated channels), against the torch reference.
+    # A local window (the coarse pass on the concatenated channels) and gradients, against the naive tile loop on
+    # the concatenated channels at temperature / sqrt(H).
     grad = torch.randn(flow.shape, device=device)
     local = dict(kwargs, window=3)
     got = _flow_and_grads(lambda a, b: motion_flow(a, b, frame, **local)[0], q, k, grad)
-    want = _flow_and_grads(lambda a, b: motion_flow(a, b, frame, **dict(local, backend="torch"))[0], q, k, grad)
+    naive = lambda a, b: naive_flow(  # noqa: E731
+        a.cpu().flatten(-2), b.cpu().flatten(-2), frame, (2, 2), 3, 3, temperature / math.sqrt(heads))[0].to(device)
+    want = _flow_and_grads(naive, q, k, grad)
     for label, a, b in zip(("flow", "dq", "dk"), got, want):
         assert_rel_close(a, b, 1e-5, label)
     assert got[1].abs().sum() > 0 and got[2].abs().sum() > 0

@@ -59,7 +59,7 @@ class BlockConfig:
     num_stages: int
 
 
-# D <= 128 forward, bf16 / fp16. Measured on an H100 at Wan2.1-1.3B shapes, 25.6% density (launch sweep rows ours@fwd*
+# 64 < D <= 128 forward, bf16 / fp16. Measured on an H100 at Wan2.1-1.3B shapes, 25.6% density (launch sweep rows ours@fwd*
 # of benchmarks/results/local_attention.md, run 4): 128 x 128 keys, 8 warps, 3 stages 3.70 ms vs 4.78 ms for the
 # former 128 x 64 in 2 stages (4.14 ms at 128 x 128 in 2 stages, 4.17 ms at 128 x 64 in 3).
 WIDE_FWD_D128 = BlockConfig(128, 128, 8, 3)
@@ -85,9 +85,9 @@ def kernel_configs(
     Used by the launcher and by :func:`inspect_specs`, so the inspection compiles exactly what runs.
     Block sizes are upper bounds: a tile smaller than a block shrinks it (see :func:`block_sizes`).
     ``shared_memory``: bytes of shared memory a block may use on the device
-    (:func:`fastvmt_kernels.device_limits.shared_memory_per_block`). The D <= 128 forward's 128 x 128 blocks in 3
+    (:func:`fastvmt_kernels.device_limits.shared_memory_per_block`). The 64 < D <= 128 forward's 128 x 128 blocks in 3
     stages take 225 KiB (Hopper's 227 KiB), so other devices get COMPACT_FWD_D128; the D > 128 dk/dv kernel takes
-    SMALL_DKDV_D256 below DKDV_D256_SHARED_BYTES (Ada's 99 KiB), and the D <= 128 dk/dv kernel runs 8 warps off
+    SMALL_DKDV_D256 below DKDV_D256_SHARED_BYTES (Ada's 99 KiB), and the 64 < D <= 128 dk/dv kernel runs 8 warps off
     Hopper (COMPACT_DKDV_D128). ``tests/test_device_limits.py`` compiles what each device gets for sm_90a, sm_89 and
     sm_80 and checks that it fits and stores no spills in its hot loops.
     """
@@ -107,7 +107,7 @@ def kernel_configs(
             "dkdv": DKDV_D128 if shared_memory >= HOPPER_SHARED_MEMORY_PER_BLOCK else COMPACT_DKDV_D128,
         }
     return {  # D up to 256: 64-row accumulators keep wgmma (HGMMA) usable; offline: no spill stores in the hot
-        # loops (the fwd spills nothing; dq and dk/dv reload 10 / 16 spilled values per step)
+        # loops (the fwd spills nothing; dq and dk/dv reload 11 / 15 spilled values per step on sm_90a)
         "fwd": BlockConfig(64, 32, 4, 2),
         "dq": BlockConfig(64, 32, 8, 1),
         "dkdv": DKDV_D256 if shared_memory >= DKDV_D256_SHARED_BYTES else SMALL_DKDV_D256,
