@@ -252,6 +252,7 @@ class MotionTransferConfig:
             for name, preset in _RECIPE_DEFAULTS[self.recipe].items():
                 if name not in changes and getattr(self, name) == preset:
                     changes[name] = None  # __post_init__ fills in the new recipe's preset
-            if new_recipe == "ditflow" and "head_reduce" not in changes and self.head_reduce not in DITFLOW_HEAD_REDUCTIONS:
+            refused = new_recipe == "ditflow" and self.head_reduce not in DITFLOW_HEAD_REDUCTIONS
+            if refused and "head_reduce" not in changes:
                 changes["head_reduce"] = None
         return dataclasses.replace(self, **changes)
