@@ -100,6 +100,7 @@ def write_table(
     columns: Sequence[str],
     notes: Sequence[str] = (),
     plot: Optional[Callable[[Path], None]] = None,
+    out_dir: Optional[Path] = None,
 ) -> List[Path]:
     """Write ``name.md`` (provenance, notes, table), ``name.csv`` and, if ``plot`` is given, ``name.png``.
 
@@ -109,11 +110,13 @@ def write_table(
         rows: one dict per result row; ``columns`` selects and orders the fields.
         notes: markdown bullet lines (definitions of the reported quantities, shapes, choices).
         plot: callable receiving the PNG path (matplotlib code lives with the benchmark).
+        out_dir: folder to write to instead of :func:`results_dir` (a CPU run whose figures are a deliverable, for
+            this one table only: the process environment is left alone, so later dry tables still go elsewhere).
 
     Returns:
         The written paths.
     """
-    out_dir = results_dir()
+    out_dir = results_dir() if out_dir is None else Path(out_dir)
     info = provenance()
     md = [f"# {title}", ""]
     md += [f"- {key}: `{value}`" for key, value in info.items()]

@@ -24,7 +24,7 @@ DRY=0
 # attention tests last: if the stage runs out of time, the core kernels have been tested.
 GPU_TEST_FILES="tests/test_index_math.py tests/test_motion_flow.py tests/test_local_attention_triton.py tests/test_device_limits.py tests/test_local_attention_reference.py tests/test_adamw.py tests/test_losses.py tests/test_joint_local_attention.py"
 # Benchmark files, one stage each with its own timeout (seconds), most needed first: a slow one cannot starve the rest.
-BENCH_STAGES=("motion_flow 70" "motion_flow_host 25" "pipeline 165" "local_attention 110")
+BENCH_STAGES=("motion_flow 60" "motion_flow_host 25" "pipeline 175" "local_attention 110")
 if [[ $DRY == 1 ]]; then
   OUT="${OUT:-$(mktemp -d -t fastvmt-gpu-suite-dry-XXXXXX)}"
   export FASTVMT_BENCH_DRY=1 TRITON_INTERPRET=1
