@@ -64,7 +64,13 @@ SHAPES = {
 SHAPE = SHAPES[MODE]
 DTYPE = torch.bfloat16 if MODE == "gpu" else torch.float32
 DEVICE = "cuda" if MODE == "gpu" else "cpu"
-ROUNDS = {"gpu": 10, "cpu": 3, "cpu_wan": 1, "dry": 1}[MODE]
+ROUNDS = {"gpu": 10, "cpu": 3, "cpu_wan": 1, "dry": 1}[MODE]  # the fewest timed rounds of a row
+# GPU rows first run untimed steps for WARMUP_S, then time max(ROUNDS, TIMED_S / step) rounds, at most MAX_ROUNDS:
+# run 5 timed its first row (the eager fused step) in 10 rounds of ~2 ms right after the kernels' compilation and
+# the reference check, 2.10 ms against 1.45-1.92 ms for the same kernels' later rows (gpu_runs.md); 20 ms of
+# steps do not outlast the GPU's ramp from an idle clock.
+# (A dry run warms each row up with one call, to exercise the path.)
+WARMUP_S, TIMED_S, MAX_ROUNDS = {"gpu": (0.2, 0.3, 300), "dry": (1e-6, 0.0, ROUNDS)}.get(MODE, (0.0, 0.0, ROUNDS))
 BASELINE = "chunked_reference" if MODE.startswith("cpu") else "fused"  # denominator of the ratios
 FASTVMT_TEMPERATURE = 1.0
 DITFLOW_TEMPERATURE = 2.0
@@ -90,8 +96,9 @@ MODES = ("", GRAPHED, BACK_TO_BACK)
 PROVIDERS = {
     # Ablations only as CUDA graphs: the eager step is host-bound on a GPU (gpu_runs.md, run 5: eager rows spread
     # 1.45-2.21 ms over GPU times under 1 ms), so only replayed rows rank kernel configurations.
-    "gpu": ("fused", "fused" + GRAPHED, "fused" + BACK_TO_BACK, *(a + GRAPHED for a in ABLATIONS), "dense_global",
-            "dense_gather_local", "dense_global" + GRAPHED, "dense_global" + BACK_TO_BACK),
+    # The rows the targets are read from first, the ablations last (a stage timeout loses the last rows).
+    "gpu": ("fused", "fused" + GRAPHED, "fused" + BACK_TO_BACK, "dense_global", "dense_global" + GRAPHED,
+            "dense_global" + BACK_TO_BACK, "dense_gather_local", *(a + GRAPHED for a in ABLATIONS)),
     "cpu": ("chunked_reference", "dense_global", "dense_gather_local"),
     "cpu_wan": ("chunked_reference", "dense_gather_local"),
     "dry": ("fused", "fused" + BACK_TO_BACK, *DRY_ABLATIONS, "chunked_reference", "dense_global", "dense_gather_local"),
@@ -249,111 +256,8 @@ def cuda_graphed(step: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_motion_flow(benchmark, provider, monkeypatch):
-    mode = _mode(provider)
-    base, graphed, back_to_back = provider.removesuffix(mode), mode == GRAPHED, mode == BACK_TO_BACK
-    if base.startswith("fused_"):  # ablation: fused_fwd{a}x{b}_bwd{c}x{d} tiles per fine-pass program
-        from fastvmt_kernels.motion_flow import op as flow_op
-
-        fwd, bwd, warps, bwd_warps, stages, bwd_keys = re.fullmatch(
-            r"fused_fwd(\d+x\d+)_bwd(\d+x\d+)(?:_w(\d+))?(?:_bw(\d+))?(?:_s(\d+))?(?:_bn(\d+))?", base
-        ).groups()
-        monkeypatch.setattr(flow_op, "FWD_TILE_GROUP", tuple(int(v) for v in fwd.split("x")))
-        monkeypatch.setattr(flow_op, "BWD_TILE_GROUP", tuple(int(v) for v in bwd.split("x")))
-        if warps or bwd_warps:
-            launch = flow_op.fine_launch
-
-            def patched_launch(block_q, d_pad, backward, hopper=True):
-                default_warps, query_major = launch(block_q, d_pad, backward, hopper)
-                chosen = bwd_warps if backward and bwd_warps else warps
-                return (int(chosen) if chosen else default_warps), query_major
-
-            monkeypatch.setattr(flow_op, "fine_launch", patched_launch)
-        if stages:
-            monkeypatch.setattr(flow_op, "NUM_STAGES", int(stages))
-        if bwd_keys:
-            monkeypatch.setattr(flow_op, "bwd_block_n", lambda d_pad, hopper=True: int(bwd_keys))
-    geo = _geometry(SHAPE)
-    b, f, d = SHAPE["batch"], SHAPE["frames"], SHAPE["dim"]
-    q, k = (torch.randn(b, f, geo.num_tokens, d, device=DEVICE).to(DTYPE).requires_grad_() for _ in range(2))
-    if base.startswith("fused"):
-        check_fused_against_reference(q, k, geo, SHAPE["span"])
-    step = make_step(base, q, k, geo, SHAPE["span"])
-    step()  # compile / warm up outside the timing
-    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
-    mem = peak_bytes(step)
-    steps_per_round = 1
-    if graphed:
-        step = cuda_graphed(step)
-        sync()
-    elif back_to_back:
-        single, steps_per_round = step, BACK_TO_BACK_STEPS
-        step = lambda: [single() for _ in range(steps_per_round)]  # noqa: E731
-    start = time.perf_counter()
-    benchmark.pedantic(lambda: (step(), sync()), rounds=ROUNDS, iterations=1)
-    wall = (time.perf_counter() - start) / ROUNDS
-    stats = getattr(benchmark, "stats", None)
-    ms = (stats.stats.median * 1e3 if stats is not None else wall * 1e3) / steps_per_round
-    pairs = f * f if base == "dense_global" else make_pairs(f, SHAPE["span"]).shape[0]
-    RESULTS.append({"provider": provider, "pairs": pairs, "ms": ms, "peak_MiB": mem / 2**20})
-    _write(RESULTS)  # rewritten after every provider: a stage timeout keeps what was measured
-
-
-def _mode(provider: str) -> str:
-    """The timing-mode suffix of a provider name ("" for a plain eager row)."""
-    return next((mode for mode in MODES if mode and provider.endswith(mode)), "")
-
-
-def _write(measured: List[Dict[str, object]]) -> None:
-    """(Re)write the results table from the rows measured so far (copied: derived columns and analytic rows are
-    added to the copies only)."""
-    rows = [dict(row) for row in measured]
-    bases = {mode: next((r for r in rows if r["provider"] == BASELINE + mode), None) for mode in MODES}
-    for row in rows:
-        base = bases[_mode(row["provider"])]
-        if base is not None:
-            row["time_ratio"] = row["ms"] / base["ms"]
-            row["memory_ratio"] = row["peak_MiB"] / max(base["peak_MiB"], 1e-9)
-        provider = row["provider"].removesuffix(_mode(row["provider"]))
-        analytic = ANALYTIC.get("fused" if provider.startswith("fused_") else provider)
-        if analytic is not None:
-            row["analytic_MiB_this_shape"] = analytic(SHAPE, torch.finfo(DTYPE).bits // 8) / 2**20
-    extra = []
-    if MODE.startswith("cpu"):
-        fused_here = fused_bytes(SHAPE, FP32) / 2**20
-        rows.append({"provider": "fused (analytic, not run)", "pairs": rows[0]["pairs"] if rows else "",
-                     "peak_MiB": fused_here, "analytic_MiB_this_shape": fused_here})
-        for name, fn in ANALYTIC.items():
-            extra.append(f"analytic at Wan2.1-1.3B shape (F=21, 30x52, D=128, bf16 q/k): {name} "
-                         f"{fn(WAN, KEY_BYTES) / 2**20:.1f} MiB")
-        ratio = dense_global_bytes(WAN, KEY_BYTES) / fused_bytes(WAN, KEY_BYTES)
-        extra.append(f"analytic memory ratio dense_global / fused at Wan shape: {ratio:.0f}x (lower bound: the "
-                     "dense figure is a lower bound, the fused figure exact)")
-    columns = ["provider", "pairs", "ms", "peak_MiB", "time_ratio", "memory_ratio", "analytic_MiB_this_shape"]
-    notes = [
-        f"mode: {MODE}; shape: B={SHAPE['batch']}, F={SHAPE['frames']}, frame={SHAPE['frame']}, D={SHAPE['dim']}, "
-        f"{DTYPE}, span={SHAPE['span']}, window={SHAPE['window']}, tile={SHAPE['tile']}",
-        "one step = forward + backward (dq, dk) of sum(flow * g); ms = median over "
-        f"{ROUNDS} pytest-benchmark round(s)",
-        "peak_MiB: " + ("torch.cuda.max_memory_allocated during one step minus memory allocated before it"
-                        if DEVICE == "cuda" else
-                        "peak live bytes of the CPU allocator during one step (torch.profiler memory events)"),
-        f"time_ratio, memory_ratio: this provider / {BASELINE} in the same mode (eager, {BASELINE}{GRAPHED}, "
-        f"{BASELINE}{BACK_TO_BACK})",
-        "dense_global covers all F*F ordered pairs (DiTFlow); the others the span pairs (FastVMT)",
-        f"*{BACK_TO_BACK}: ms per step of {BACK_TO_BACK_STEPS} eager steps queued back to back, one "
-        "synchronisation at the end (the eager rows synchronise after every step)",
-        f"*{GRAPHED}: the same step captured once in a CUDA graph and replayed (GPU time without the host's "
-        "queueing; peak_MiB is the eager step's)",
-        *extra,
-    ]
-    # The CPU reference figures are a deliverable, not a dry run (unless FASTVMT_BENCH_OUT says where they go).
-    out_dir = RESULTS_DIR if MODE.startswith("cpu") and not os.environ.get(OUT_ENV) else None
-    write_table(f"motion_flow_{MODE}", "Motion flow: fused kernel vs dense PyTorch AMF", rows, columns, notes,
-                out_dir=out_dir)
-
-
+# The per-kernel breakdown runs before the provider rows (pytest keeps file order): a stage timeout loses only the
+# last rows, the ablations.
 PROFILE_STEPS = 3
 PROFILE_TOP = 12
 
@@ -400,3 +304,125 @@ def test_fused_kernel_breakdown():
     write_table(f"motion_flow_{MODE}_kernels", "Motion flow: fused step, time per kernel", rows[:PROFILE_TOP],
                 ["kernel", "calls_per_step", "us_per_step", "share"], notes)
     assert rows, "the profiler recorded nothing"
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_motion_flow(benchmark, provider, monkeypatch):
+    mode = _mode(provider)
+    base, graphed, back_to_back = provider.removesuffix(mode), mode == GRAPHED, mode == BACK_TO_BACK
+    if base.startswith("fused_"):  # ablation: fused_fwd{a}x{b}_bwd{c}x{d} tiles per fine-pass program
+        from fastvmt_kernels.motion_flow import op as flow_op
+
+        fwd, bwd, warps, bwd_warps, stages, bwd_keys = re.fullmatch(
+            r"fused_fwd(\d+x\d+)_bwd(\d+x\d+)(?:_w(\d+))?(?:_bw(\d+))?(?:_s(\d+))?(?:_bn(\d+))?", base
+        ).groups()
+        monkeypatch.setattr(flow_op, "FWD_TILE_GROUP", tuple(int(v) for v in fwd.split("x")))
+        monkeypatch.setattr(flow_op, "BWD_TILE_GROUP", tuple(int(v) for v in bwd.split("x")))
+        if warps or bwd_warps:
+            launch = flow_op.fine_launch
+
+            def patched_launch(block_q, d_pad, backward, hopper=True):
+                default_warps, query_major = launch(block_q, d_pad, backward, hopper)
+                chosen = bwd_warps if backward and bwd_warps else warps
+                return (int(chosen) if chosen else default_warps), query_major
+
+            monkeypatch.setattr(flow_op, "fine_launch", patched_launch)
+        if stages:
+            monkeypatch.setattr(flow_op, "NUM_STAGES", int(stages))
+        if bwd_keys:
+            monkeypatch.setattr(flow_op, "bwd_block_n", lambda d_pad, hopper=True: int(bwd_keys))
+    geo = _geometry(SHAPE)
+    b, f, d = SHAPE["batch"], SHAPE["frames"], SHAPE["dim"]
+    q, k = (torch.randn(b, f, geo.num_tokens, d, device=DEVICE).to(DTYPE).requires_grad_() for _ in range(2))
+    if base.startswith("fused"):
+        check_fused_against_reference(q, k, geo, SHAPE["span"])
+    step = make_step(base, q, k, geo, SHAPE["span"])
+    step()  # compile / warm up outside the timing
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    mem = peak_bytes(step)
+    steps_per_round = 1
+    if graphed:
+        step = cuda_graphed(step)
+        sync()
+    elif back_to_back:
+        single, steps_per_round = step, BACK_TO_BACK_STEPS
+        step = lambda: [single() for _ in range(steps_per_round)]  # noqa: E731
+    rounds = _warm_up(lambda: (step(), sync()))
+    start = time.perf_counter()
+    benchmark.pedantic(lambda: (step(), sync()), rounds=rounds, iterations=1)
+    wall = (time.perf_counter() - start) / rounds
+    stats = getattr(benchmark, "stats", None)
+    ms = (stats.stats.median * 1e3 if stats is not None else wall * 1e3) / steps_per_round
+    pairs = f * f if base == "dense_global" else make_pairs(f, SHAPE["span"]).shape[0]
+    RESULTS.append({"provider": provider, "pairs": pairs, "ms": ms, "peak_MiB": mem / 2**20, "rounds": rounds})
+    _write(RESULTS)  # rewritten after every provider: a stage timeout keeps what was measured
+
+
+def _warm_up(timed_call: Callable[[], object]) -> int:
+    """Run ``timed_call`` untimed for WARMUP_S seconds (at least once); return the rounds to time it: enough for
+    TIMED_S seconds at the warm-up's pace, between ROUNDS and MAX_ROUNDS."""
+    if WARMUP_S <= 0:
+        return ROUNDS
+    calls, start = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - start < WARMUP_S:
+        timed_call()
+        calls += 1
+    per_call = (time.perf_counter() - start) / calls
+    return max(ROUNDS, min(MAX_ROUNDS, int(TIMED_S / per_call)))
+
+
+def _mode(provider: str) -> str:
+    """The timing-mode suffix of a provider name ("" for a plain eager row)."""
+    return next((mode for mode in MODES if mode and provider.endswith(mode)), "")
+
+
+def _write(measured: List[Dict[str, object]]) -> None:
+    """(Re)write the results table from the rows measured so far (copied: derived columns and analytic rows are
+    added to the copies only)."""
+    rows = [dict(row) for row in measured]
+    bases = {mode: next((r for r in rows if r["provider"] == BASELINE + mode), None) for mode in MODES}
+    for row in rows:
+        base = bases[_mode(row["provider"])]
+        if base is not None:
+            row["time_ratio"] = row["ms"] / base["ms"]
+            row["memory_ratio"] = row["peak_MiB"] / max(base["peak_MiB"], 1e-9)
+        provider = row["provider"].removesuffix(_mode(row["provider"]))
+        analytic = ANALYTIC.get("fused" if provider.startswith("fused_") else provider)
+        if analytic is not None:
+            row["analytic_MiB_this_shape"] = analytic(SHAPE, torch.finfo(DTYPE).bits // 8) / 2**20
+    extra = []
+    if MODE.startswith("cpu"):
+        fused_here = fused_bytes(SHAPE, FP32) / 2**20
+        rows.append({"provider": "fused (analytic, not run)", "pairs": rows[0]["pairs"] if rows else "",
+                     "peak_MiB": fused_here, "analytic_MiB_this_shape": fused_here})
+        for name, fn in ANALYTIC.items():
+            extra.append(f"analytic at Wan2.1-1.3B shape (F=21, 30x52, D=128, bf16 q/k): {name} "
+                         f"{fn(WAN, KEY_BYTES) / 2**20:.1f} MiB")
+        ratio = dense_global_bytes(WAN, KEY_BYTES) / fused_bytes(WAN, KEY_BYTES)
+        extra.append(f"analytic memory ratio dense_global / fused at Wan shape: {ratio:.0f}x (lower bound: the "
+                     "dense figure is a lower bound, the fused figure exact)")
+    columns = ["provider", "pairs", "ms", "rounds", "peak_MiB", "time_ratio", "memory_ratio",
+               "analytic_MiB_this_shape"]
+    notes = [
+        f"mode: {MODE}; shape: B={SHAPE['batch']}, F={SHAPE['frames']}, frame={SHAPE['frame']}, D={SHAPE['dim']}, "
+        f"{DTYPE}, span={SHAPE['span']}, window={SHAPE['window']}, tile={SHAPE['tile']}",
+        "one step = forward + backward (dq, dk) of sum(flow * g); ms = median over "
+        + (f"{ROUNDS} pytest-benchmark round(s)" if WARMUP_S <= 0 else
+           f"pytest-benchmark rounds (column rounds: {TIMED_S:g} s of steps, {ROUNDS} to {MAX_ROUNDS}) after "
+           f"{WARMUP_S:g} s of untimed steps"),
+        "peak_MiB: " + ("torch.cuda.max_memory_allocated during one step minus memory allocated before it"
+                        if DEVICE == "cuda" else
+                        "peak live bytes of the CPU allocator during one step (torch.profiler memory events)"),
+        f"time_ratio, memory_ratio: this provider / {BASELINE} in the same mode (eager, {BASELINE}{GRAPHED}, "
+        f"{BASELINE}{BACK_TO_BACK})",
+        "dense_global covers all F*F ordered pairs (DiTFlow); the others the span pairs (FastVMT)",
+        f"*{BACK_TO_BACK}: ms per step of {BACK_TO_BACK_STEPS} eager steps queued back to back, one "
+        "synchronisation at the end (the eager rows synchronise after every step)",
+        f"*{GRAPHED}: the same step captured once in a CUDA graph and replayed (GPU time without the host's "
+        "queueing; peak_MiB is the eager step's)",
+        *extra,
+    ]
+    # The CPU reference figures are a deliverable, not a dry run (unless FASTVMT_BENCH_OUT says where they go).
+    out_dir = RESULTS_DIR if MODE.startswith("cpu") and not os.environ.get(OUT_ENV) else None
+    write_table(f"motion_flow_{MODE}", "Motion flow: fused kernel vs dense PyTorch AMF", rows, columns, notes,
+                out_dir=out_dir)
