@@ -245,6 +245,7 @@ def _nan_to_none(value):
 
 
 def main(argv=None) -> int:
+    """Entry point of ``fastvmt demo`` (``argv``: its arguments, default sys.argv[1:]); returns the exit status."""
     parser = argparse.ArgumentParser(prog="fastvmt demo", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -141,6 +141,7 @@ class TrainingRun:
         self.recent_loss = None  # mean loss of the last logging interval
 
     def state_dict(self) -> Dict:
+        """Everything a resumed run needs: step, training seconds, the models, their EMA copies, the optimizer."""
         return {
             "step": self.step,
             "seconds": self.seconds,
@@ -152,6 +153,7 @@ class TrainingRun:
         }
 
     def load_state_dict(self, state: Dict) -> None:
+        """Restore a :meth:`state_dict` (in place)."""
         self.step = int(state["step"])
         self.seconds = float(state.get("seconds", 0.0))  # training time before this process (older states: 0)
         self.transformer.load_state_dict(state["transformer"])
@@ -223,6 +225,7 @@ def write_sample_grid(transformer, text_encoder, tokenizer, path: str, seed: int
 
 
 def append_log(path: str, row: Dict) -> None:
+    """Append ``row`` (keys: LOG_COLUMNS) to the CSV training log at ``path``, writing the header to a new file."""
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
@@ -318,6 +321,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
+    """Entry point of ``python -m fastvmt.testbed.train``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m fastvmt.testbed.train", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
