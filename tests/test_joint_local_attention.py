@@ -108,6 +108,20 @@ def test_no_global_tokens_is_local_attention(device):
     assert torch.equal(out, local_attention(q, k, v, grid, tile, window))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_custom_scale(backend, device):
+    grid, tile, window, num_global, scale = (2, 4, 6), (1, 2, 3), (1, 1, 1), 3, 0.7
+    q, k, v = (torch.randn(1, num_global + 48, 2, 16, device=device).requires_grad_() for _ in range(3))
+    out = joint_local_attention(q, k, v, grid, tile, window, num_global=num_global, scale=scale, backend=backend)
+    mask = joint_mask(grid, tile, window, num_global, True, torch.ones(1, num_global, dtype=torch.bool))
+    expected = dense_masked(q, k, v, mask, scale)
+    assert_rel_close(out, expected, REL_TOL[torch.float32], "out")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for gname, g, e in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(expected, (q, k, v), dout.double())):
+        assert_rel_close(g, e, 2 * REL_TOL[torch.float32], gname)
+
+
 def test_window_covering_grid_equals_full_sdpa(device):
     grid, tile, window, num_global = (2, 3, 4), (1, 2, 2), (9, 9, 9), 5
     q, k, v = (torch.randn(1, num_global + 24, 2, 16, device=device) for _ in range(3))

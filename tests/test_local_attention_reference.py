@@ -25,6 +25,15 @@ def test_mask_rule_matches_hand_computed_windows():
     assert torch.equal(mask, expected)
 
 
+def test_even_window_reaches_one_tile_further_forward_than_back():
+    # 1-D view: grid 8 tokens, tile 2 -> 4 tiles, window 2 tiles: s = clamp(c - (2 - 1) // 2, 0, 4 - 2) = c, then 2.
+    mask = local_attention_mask((1, 1, 8), (1, 1, 2), (1, 1, 2))
+    tiles = torch.arange(8) // 2
+    start = {0: 0, 1: 1, 2: 2, 3: 2}
+    expected = torch.stack([(tiles >= start[int(c)]) & (tiles < start[int(c)] + 2) for c in tiles])
+    assert torch.equal(mask, expected)
+
+
 @pytest.mark.parametrize(
     "grid,tile,window",
     [((3, 5, 7), (1, 2, 3), (1, 3, 1)), ((4, 6, 5), (2, 4, 2), (3, 1, 2)), ((2, 3, 9), (1, 3, 4), (2, 2, 2))],

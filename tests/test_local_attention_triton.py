@@ -65,6 +65,32 @@ def test_forward_and_gradients_match_reference_and_dense(name, device):
             assert_rel_close(g, e, 2 * tol, f"{gname} vs {label}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_custom_scale_forward_and_gradients(backend, device):
+    grid, tile, window, scale = (2, 4, 6), (1, 2, 3), (1, 1, 1), 0.7
+    q, k, v = random_qkv(1, 48, 2, 16, torch.float32, device)
+    out = local_attention(q, k, v, grid, tile, window, scale=scale, backend=backend)
+    expected, _ = dense_masked(q, k, v, local_attention_mask(grid, tile, window), scale)
+    assert_rel_close(out, expected, REL_TOL[torch.float32], "out")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for gname, g, e in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(expected, (q, k, v), dout.double())):
+        assert_rel_close(g, e, 2 * REL_TOL[torch.float32], gname)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_far_below_zero(backend, device):
+    """q = -30 k: every logit is below -30 * 16 / 4; the running max must not start at 0 (0 / 0 after underflow)."""
+    grid, tile, window = (2, 4, 6), (1, 2, 3), (1, 1, 1)
+    k = (torch.randn(1, 48, 1, 16).abs() + 1.0).to(device)
+    q, v = -30 * k, torch.randn(1, 48, 1, 16, device=device)
+    out, lse = local_attention(q, k, v, grid, tile, window, backend=backend, return_lse=True)
+    expected, expected_lse = dense_masked(q, k, v, local_attention_mask(grid, tile, window), 16**-0.5)
+    assert torch.isfinite(out).all()
+    assert_rel_close(out, expected, REL_TOL[torch.float32], "out")
+    assert_rel_close(lse, expected_lse, 1e-6, "lse")
+
+
 def test_window_covering_grid_equals_sdpa(device):
     grid, tile, window = (2, 3, 5), (2, 2, 4), (9, 9, 9)
     b, h, d, seq = 1, 2, 32, 30

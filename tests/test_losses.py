@@ -59,6 +59,61 @@ def test_corresponding_window_loss_hand_computed_and_gradient_reaches_selected_k
     assert k.grad[0, 1].abs().sum() > 0 and k.grad[0, 2].abs().sum() > 0
 
 
+def naive_window_loss(k, windows, pairs, frame, window):
+    """Independent loop version of the corresponding-window loss: per frame i with >= 2 targets, per sample, per
+    tile, the mean over successive targets of the squared distance between the window-mean keys."""
+    b, f, _, d = k.shape
+    (hf, wf), (wy, wx) = frame, window
+    ly, lx = min(wy, hf), min(wx, wf)
+    frames = k.reshape(b, f, hf, wf, d)
+    per_frame = []
+    for i in range(f):
+        rows = sorted((r for r in range(len(pairs)) if pairs[r, 0] == i and pairs[r, 1] > i), key=lambda r: pairs[r, 1])
+        if len(rows) < 2:
+            continue
+        per_sample = []
+        for s in range(b):
+            per_tile = []
+            for tile in range(windows.shape[2]):
+                means = []
+                for r in rows:
+                    oy, ox = windows[s, r, tile].tolist()
+                    means.append(frames[s, int(pairs[r, 1]), oy : oy + ly, ox : ox + lx].reshape(-1, d).mean(0))
+                steps = [(means[t + 1] - means[t]).square().sum() for t in range(len(means) - 1)]
+                per_tile.append(torch.stack(steps).mean())
+            per_sample.append(torch.stack(per_tile).mean())
+        per_frame.append(torch.stack(per_sample))
+    return torch.stack(per_frame, dim=1).mean()
+
+
+def test_corresponding_window_loss_matches_naive_loop_in_any_pair_order():
+    """A non-square window, frames with three and two targets (means over steps and over frames), two samples; a
+    shuffled pair order (frame 0's targets listed 2, 1, 3) gives the same loss."""
+    frame, window, num_tiles = (4, 5), (2, 3), 3
+    k = torch.randn(2, 4, 20, 3, requires_grad=True)
+    pairs = make_pairs(4, 4)  # frame 0: targets 1, 2, 3; frame 1: 2, 3; frame 2: 3
+    origins = (torch.randint(0, 3, (2, len(pairs), num_tiles)), torch.randint(0, 3, (2, len(pairs), num_tiles)))
+    windows = torch.stack(origins, dim=-1)  # y in [0, 4 - 2], x in [0, 5 - 3]
+    loss = corresponding_window_loss(k, windows, pairs, frame, window)
+    expected = naive_window_loss(k, windows, pairs, frame, window)
+    assert_rel_close(loss, expected, 1e-6, "window loss")
+    assert_rel_close(torch.autograd.grad(loss, k)[0], torch.autograd.grad(expected, k)[0], 1e-6, "dk")
+    order = torch.tensor([2, 1, 3, 0, 4, 6, 5, 7, 8, 9])
+    assert pairs[order][:3, 1].tolist() == [2, 1, 3]
+    shuffled = corresponding_window_loss(k, windows[:, order], pairs[order], frame, window)
+    assert_rel_close(shuffled, loss, 1e-6, "shuffled pairs")
+
+
+@pytest.mark.parametrize("loss_name", ["amf", "ditflow"])
+def test_reference_flow_is_a_target_without_gradient(loss_name):
+    gen = torch.randn(2, 3, 5, 2, requires_grad=True)
+    ref = torch.randn(2, 3, 5, 2, requires_grad=True)
+    loss = amf_loss(gen, ref, make_pairs(2, 2), 2) if loss_name == "amf" else ditflow_loss(gen, ref)
+    loss.backward()
+    assert ref.grad is None
+    assert gen.grad is not None and gen.grad.abs().sum() > 0
+
+
 def test_corresponding_window_loss_with_kernel_windows_per_head():
     q, k = torch.randn(2, 4, 20, 2, 8), torch.randn(2, 4, 20, 2, 8, requires_grad=True)
     kwargs = dict(tile=(2, 2), window=3, span=3, backend="torch", return_windows=True)

@@ -58,6 +58,50 @@ def naive_flow(q, k, frame, tile, window, span, temperature):
     return torch.stack(flows), torch.stack(windows)
 
 
+@pytest.mark.parametrize("tile,window", [((1, 1), 3), ((3, 3), (8, 9))])
+def test_frames_past_one_key_block_and_one_coarse_program(device, tile, window):
+    """A 9 x 10 frame: 90 keys span two coarse key blocks of COARSE_BLOCK_N; with 1 x 1 tiles, 90 tiles need two
+    coarse programs of COARSE_BLOCK_M; an 8 x 9 window box spans two fine key blocks of FINE_BLOCK_N (the online
+    softmax rescales across blocks). Forward, windows and gradients against the naive loop."""
+    frame = (9, 10)
+    assert frame[0] * frame[1] > max(flow_op.COARSE_BLOCK_N, flow_op.FINE_BLOCK_N, flow_op.COARSE_BLOCK_M)
+    q, k = _inputs((1, 2, frame[0] * frame[1], 16), torch.float32, device, scale=1.5)
+    kwargs = dict(tile=tile, window=window, span=2, temperature=2.0)
+    windows = {}
+
+    def naive(a, b):
+        flow, windows["naive"] = naive_flow(a.cpu(), b.cpu(), frame, tile, window, 2, 2.0)
+        return flow.to(device)
+
+    def fused_or_reference(backend):
+        def flow_fn(a, b):
+            flow, _, windows[backend] = motion_flow(a, b, frame, backend=backend, return_windows=True, **kwargs)
+            return flow
+
+        return flow_fn
+
+    grad = torch.randn(1, 3, frame[0] * frame[1], 2, device=device)
+    expected = _flow_and_grads(naive, q, k, grad)
+    for backend in ("triton", "torch"):
+        for label, got, want in zip(("flow", "dq", "dk"), _flow_and_grads(fused_or_reference(backend), q, k, grad),
+                                    expected):
+            assert_rel_close(got, want, 1e-5, f"{backend} {label}")
+        assert torch.equal(windows[backend].cpu(), windows["naive"]), backend
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_far_below_zero_give_a_finite_flow(device, backend):
+    """q = -k at temperature 200: every logit is below -200; the running max must not start at 0 (exp underflow
+    would give 0 / 0)."""
+    frame = (5, 7)
+    k = (torch.randn(1, 2, 35, 16).abs() + 1.0).to(device)
+    q = -k
+    flow, _ = motion_flow(q, k, frame, tile=(2, 3), window=3, span=2, temperature=200.0, backend=backend)
+    expected, _ = naive_flow(q.cpu(), k.cpu(), frame, (2, 3), 3, 2, 200.0)
+    assert torch.isfinite(flow).all()
+    assert_rel_close(flow, expected.to(device), 1e-5, "flow")
+
+
 def _inputs(shape, dtype, device, scale=1.0):
     q = (torch.randn(shape) * scale).to(device=device, dtype=dtype).requires_grad_()
     k = (torch.randn(shape) * scale).to(device=device, dtype=dtype).requires_grad_()
