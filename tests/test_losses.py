@@ -12,6 +12,8 @@ from fastvmt.losses import (
     ditflow_flow,
     ditflow_loss,
 )
+from fastvmt import MotionTransferConfig
+from fastvmt.motion import compute_flow, motion_loss
 from fastvmt_kernels import motion_flow
 from fastvmt_kernels.motion_flow import make_pairs
 
@@ -240,3 +242,16 @@ def test_ditflow_flow_triton_backend_matches_torch(device):
     grads = {b: torch.autograd.grad(f.square().sum(), (q, k)) for b, f in flows.items()}
     for name, got, want in zip(("dq", "dk"), grads["triton"], grads["torch"]):
         assert_rel_close(got, want, 1e-5, name)
+
+
+def test_motion_loss_weights_its_terms():
+    """The motion loss is amf_weight * AMF loss + window_weight * window loss."""
+    torch.manual_seed(0)
+    config = MotionTransferConfig(span=3, tile=(2, 2), window=3, kernel_backend="torch", amf_weight=2.0,
+                                  window_weight=3.0)
+    shape = (1, 3, 16, 2, 8)
+    gen = compute_flow(torch.randn(shape), torch.randn(shape), (4, 4), config, reference=False)
+    ref = compute_flow(torch.randn(shape), torch.randn(shape), (4, 4), config, reference=True)
+    total, parts = motion_loss(gen, ref, (4, 4), config)
+    assert parts["amf"] > 0 and parts["window"] > 0
+    assert float(total) == pytest.approx(2.0 * parts["amf"] + 3.0 * parts["window"], rel=1e-5)

@@ -5,6 +5,7 @@ import torch
 from _wan_tiny import single_thread, MAX_SEQUENCE_LENGTH, moving_square_video, tiny_pipeline_dir
 
 from fastvmt import FastVMTPipeline, MotionTransferConfig, apply_local_attention
+from fastvmt.guidance import GuidanceState, guidance_step
 from fastvmt.processors import LocalAttnProcessor
 
 
@@ -249,7 +250,6 @@ def test_vae_pipeline_any_size_and_4k_plus_1_frames(vae_pipe):
 @pytest.mark.parametrize("reuse_interval", [1, 3])
 def test_guidance_step_matches_torch_adamw_with_cached_gradients(reuse_interval):
     """The inner loop equals torch.optim.AdamW fed the same (cached) gradients and the same lr schedule."""
-    from fastvmt.guidance import GuidanceState, guidance_step
 
     target = torch.randn(2, 3, 4, 5)
     start = torch.randn(2, 3, 4, 5)
@@ -326,3 +326,90 @@ def test_unipc_scheduler_as_the_wan_repositories_ship_it_runs_guided_transfer(re
         out = run(pipeline, reference, small_config(init_latent=init), num_inference_steps=4)
         assert out.frames.shape == (1, FRAMES, SIZE, SIZE, 3) and np.isfinite(out.frames).all()
         assert pipeline.guidance_state.gradient_passes == 4 * 2
+
+
+def test_reference_is_noised_at_the_current_level_when_starting_from_the_reference(pipe, reference):
+    """init_latent="reference" at strength 0.5 skips the first steps: each guided step's reference pass must use
+    that step's noise level (the transformer timestep is 1000 x sigma), not the level of the step's index."""
+    levels = []
+    original = pipe.reference_flow
+
+    def recording(latents, noise, sigma, *args, **kwargs):
+        levels.append((float(pipe._current_timestep), sigma))
+        return original(latents, noise, sigma, *args, **kwargs)
+
+    pipe.reference_flow = recording
+    config = small_config(guided_steps=2, inner_iters=1, init_latent="reference", init_strength=0.5)
+    run(pipe, reference, config, num_inference_steps=4)  # steps 2, 3 of 4 run, both guided
+    assert len(levels) == 2
+    for t, sigma in levels:
+        assert abs(t - 1000.0 * sigma) < 1e-2, levels
+
+
+def test_init_from_reference_starts_from_the_noised_reference(pipe, reference):
+    """Unguided, strength 0.5: the output depends on the reference through the starting latent only."""
+    config = small_config(guided_steps=0, init_latent="reference", init_strength=0.5)
+    a = run(pipe, reference, config, num_inference_steps=4, output_type="latent").frames
+    b = run(pipe, reference.flip(-1), config, num_inference_steps=4, output_type="latent").frames
+    assert (a - b).abs().max() > 1e-3  # the noised reference is the starting latent
+
+
+def test_local_attention_for_the_guidance_phase_changes_guidance_passes_only(pipe, reference):
+    """A 1 x 1 x 1 tile window (far from dense) installed with phases="guidance": a guided run changes, an unguided
+    one does not (the full-window test above cannot tell which passes ran locally)."""
+    guided, unguided = small_config(guided_steps=1), small_config(guided_steps=0)
+    dense = [run(pipe, reference, c, output_type="latent").frames for c in (guided, unguided)]
+    apply_local_attention(pipe.transformer, tile=(1, 2, 2), window=(1, 1, 1), phases="guidance", backend="torch")
+    local = [run(pipe, reference, c, output_type="latent").frames for c in (guided, unguided)]
+    assert (local[0] - dense[0]).abs().max() > 1e-5
+    torch.testing.assert_close(local[1], dense[1], rtol=0, atol=0)
+
+
+def test_fixed_reference_level_sets_the_reference_timestep(pipe, reference):
+    """reference_noise=0.3: one reference pass for the whole run, at timestep 300."""
+    calls = []
+    original = pipe.motion_flow_of
+
+    def spy(latents, timestep, *args, **kwargs):
+        if kwargs["reference"]:
+            calls.append(timestep.clone())
+        return original(latents, timestep, *args, **kwargs)
+
+    pipe.motion_flow_of = spy
+    run(pipe, reference, small_config(guided_steps=2, inner_iters=1, reference_noise=0.3))
+    assert len(calls) == 1  # a fixed level is computed once
+    torch.testing.assert_close(calls[0], torch.full_like(calls[0], 300.0))
+
+
+def test_guidance_step_optimises_an_fp32_master_of_a_bf16_latent():
+    """A bf16 latent is optimised as an fp32 master copy (the loss sees fp32) and returned in bf16."""
+    torch.manual_seed(0)
+    target = torch.randn(1, 2, 3, 4, 4)
+    start = (torch.randn(1, 2, 3, 4, 4) * 4).bfloat16()
+    seen = []
+
+    def loss_fn(x):
+        seen.append(x.dtype)
+        return ((x - target) ** 2).sum(), {"loss": 0.0}
+
+    config = MotionTransferConfig(kernel_backend="torch")
+    ours = guidance_step(start, loss_fn, config, GuidanceState(), step_index=0, guided_index=0)
+    assert ours.dtype == torch.bfloat16
+    assert all(d == torch.float32 for d in seen)
+    fp32 = guidance_step(start.float(), loss_fn, config, GuidanceState(), step_index=0, guided_index=0)
+    assert torch.equal(ours, fp32.bfloat16())
+
+
+def test_each_guided_step_starts_fresh_adam_moments_and_step_count():
+    """Adam's moments and bias-correction step count restart at every guided step (within-step schedule): the
+    second guided step equals a first step from the same latent."""
+    torch.manual_seed(0)
+    target = torch.randn(2, 3, 4, 5)
+    start = torch.randn(2, 3, 4, 5)
+    loss_fn = lambda x: (((x - target) ** 3).abs().sum(), {"loss": 0.0})  # noqa: E731
+    config = MotionTransferConfig(kernel_backend="torch", guided_steps=2)
+    state = GuidanceState()
+    x1 = guidance_step(start, loss_fn, config, state, step_index=0, guided_index=0)
+    x2 = guidance_step(x1, loss_fn, config, state, step_index=1, guided_index=1)
+    fresh = guidance_step(x1, loss_fn, config, GuidanceState(), step_index=0, guided_index=0)
+    torch.testing.assert_close(x2, fresh, rtol=0, atol=0)

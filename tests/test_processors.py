@@ -9,6 +9,7 @@ from fastvmt.processors import (
     LocalAttnProcessor,
     QKCaptureProcessor,
     StopForward,
+    _rotate,
     apply_local_attention,
     attention_phase,
     capture_qk,
@@ -241,3 +242,27 @@ def test_bad_arguments_raise(transformer):
     transformer.set_attn_processor(LocalAttnProcessor(tile=(1, 2, 2), window=(9, 9, 9), grid=(3, 5, 6), backend="torch"))
     with torch.no_grad():
         assert torch.isfinite(_forward(transformer, x, t, text)).all()
+
+
+def test_captured_qk_are_after_norm_and_rope(transformer):
+    """The motion block's captured q, k equal norm_q(to_q(h)), norm_k(to_k(h)) rotated by the block's RoPE, from
+    the hidden states and rotary embedding its attention received."""
+    x, t, text = _inputs()
+    attn = transformer.blocks[2].attn1
+    seen = {}
+
+    def pre(module, args, kwargs):
+        seen["h"] = kwargs.get("hidden_states", args[0] if args else None)
+        seen["rope"] = kwargs.get("rotary_emb", args[3] if len(args) > 3 else None)
+
+    handle = attn.register_forward_pre_hook(pre, with_kwargs=True)
+    with torch.no_grad(), capture_qk(transformer, 2, stop=False) as capture:
+        _forward(transformer, x, t, text)
+    handle.remove()
+    assert seen["rope"] is not None
+    with torch.no_grad():
+        q = attn.norm_q(attn.to_q(seen["h"])).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(seen["h"])).unflatten(2, (attn.heads, -1))
+        q, k = _rotate(q, *seen["rope"]), _rotate(k, *seen["rope"])
+    torch.testing.assert_close(capture.query, q)
+    torch.testing.assert_close(capture.key, k)

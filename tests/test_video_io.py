@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvmt.video_io import VideoReadError, load_video, prepare_reference, resize_video, sample_frames, write_video
+from fastvmt.video_io import VideoReadError, frame_indices, load_video, prepare_reference, resize_video, sample_frames, write_video
 
 
 def _ramp_video(frames=6, height=32, width=48, step=25):
@@ -213,3 +213,10 @@ def test_written_files_get_new_file_permissions_and_nan_frames_fail(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         write_video(frames, tmp_path / "nan.mp4")
     assert not (tmp_path / "nan.mp4").exists()
+
+
+def test_uniform_sampling_rounds_to_the_nearest_frame():
+    """9 frames to 4: positions 0, 2.67, 5.33, 8 round to the nearest frame (floor would pick 2 and 5)."""
+    video = torch.arange(9, dtype=torch.float32).view(9, 1, 1, 1).expand(9, 3, 2, 2)
+    assert sample_frames(video, 4)[:, 0, 0, 0].tolist() == [0.0, 3.0, 5.0, 8.0]  # 0, 2.67, 5.33, 8
+    assert frame_indices(9, 4, 1) == [1, 3, 6, 8]  # 1 + (0, 2.33, 4.67, 7)
