@@ -58,6 +58,18 @@ def run(pipe, reference, config, seed=0, **kwargs):
     return pipe(**args)
 
 
+def record_reference_levels(pipe):
+    """Wrap ``pipe.reference_flow``; returns the list it fills with (transformer timestep, sigma) per call."""
+    levels, original = [], pipe.reference_flow
+
+    def recording(latents, noise, sigma, *args, **kwargs):
+        levels.append((float(pipe._current_timestep), sigma))
+        return original(latents, noise, sigma, *args, **kwargs)
+
+    pipe.reference_flow = recording
+    return levels
+
+
 class PassCounter:
     """Counts transformer passes that build an autograd graph, and the blocks they run."""
 
@@ -331,14 +343,7 @@ def test_unipc_scheduler_as_the_wan_repositories_ship_it_runs_guided_transfer(re
 def test_reference_is_noised_at_the_current_level_when_starting_from_the_reference(pipe, reference):
     """init_latent="reference" at strength 0.5 skips the first steps: each guided step's reference pass must use
     that step's noise level (the transformer timestep is 1000 x sigma), not the level of the step's index."""
-    levels = []
-    original = pipe.reference_flow
-
-    def recording(latents, noise, sigma, *args, **kwargs):
-        levels.append((float(pipe._current_timestep), sigma))
-        return original(latents, noise, sigma, *args, **kwargs)
-
-    pipe.reference_flow = recording
+    levels = record_reference_levels(pipe)
     config = small_config(guided_steps=2, inner_iters=1, init_latent="reference", init_strength=0.5)
     run(pipe, reference, config, num_inference_steps=4)  # steps 2, 3 of 4 run, both guided
     assert len(levels) == 2

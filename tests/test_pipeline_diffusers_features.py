@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 from _wan_tiny import MAX_SEQUENCE_LENGTH, moving_square_video, single_thread
-from test_pipeline import FRAMES, MOTION_BLOCK, SIZE, pipe, pixel_dir, reference, run, small_config  # noqa: F401
+from test_pipeline import (  # noqa: F401
+    FRAMES, MOTION_BLOCK, SIZE, pipe, pixel_dir, record_reference_levels, reference, run, small_config,
+)
 
 from fastvmt import FastVMTPipeline
 from fastvmt.motion import truncated_qk
@@ -89,14 +91,7 @@ def test_order_two_scheduler_noises_the_reference_at_each_sub_step_level(pipe, r
     from diffusers import FlowMatchHeunDiscreteScheduler
 
     pipe.scheduler = FlowMatchHeunDiscreteScheduler(shift=3.0)
-    levels = []
-    original = pipe.reference_flow
-
-    def recording(latents, noise, sigma, *args, **kwargs):
-        levels.append((float(pipe._current_timestep), sigma))
-        return original(latents, noise, sigma, *args, **kwargs)
-
-    pipe.reference_flow = recording
+    levels = record_reference_levels(pipe)
     run(pipe, reference, small_config(guided_steps=3), num_inference_steps=4)
     assert len(levels) == 3
     for t, sigma in levels:  # flow matching: t = 1000 sigma (was the sigma two sub-steps later)
