@@ -217,3 +217,39 @@ def test_image_flag_animates_the_image_with_an_image_to_video_model(reference_pa
     assert main(_args(str(model_dir), reference_path, missing)) == 2  # an image-to-video model without --image
     assert "Load it with fastvmt.FastVMTImageToVideoPipeline (CLI: --image)" in capsys.readouterr().err
     assert not missing.exists()
+
+
+def test_flags_reach_the_pipeline_call_config_and_local_attention(model_dir, reference_path, tmp_path, monkeypatch):
+    """Kills: --steps / --seed / --negative-prompt / --fps ignored, --recipe / --init dropped from the config,
+    --local-attention / --local-tile / --local-window not forwarded to apply_local_attention."""
+    import types
+
+    import numpy as np
+    import torch
+
+    import fastvmt.processors
+    from fastvmt.pipeline import FastVMTPipeline
+
+    installs, calls = [], []
+    monkeypatch.setattr(fastvmt.processors, "apply_local_attention", lambda transformer, **kw: installs.append(kw))
+
+    def fake_call(self, **kw):
+        calls.append(kw)
+        return types.SimpleNamespace(frames=[np.zeros((9, 32, 48, 3), dtype=np.float32)])
+
+    monkeypatch.setattr(FastVMTPipeline, "__call__", fake_call)
+    out = tmp_path / "result.mp4"
+    flags = ("--steps", "3", "--seed", "7", "--negative-prompt", "blurry", "--recipe", "ditflow", "--init",
+             "reference", "--local-attention", "guidance", "--local-tile", "1,2,2", "--local-window", "1,1,3")
+    assert main(_args(model_dir, reference_path, out, *flags)) == 0
+    (kw,) = calls
+    assert kw["num_inference_steps"] == 3
+    assert kw["negative_prompt"] == "blurry"
+    assert torch.equal(kw["generator"].get_state(), torch.Generator("cpu").manual_seed(7).get_state())
+    assert (kw["motion_config"].recipe, kw["motion_config"].init_latent) == ("ditflow", "reference")
+    assert installs == [dict(tile=(1, 2, 2), window=(1, 1, 3), phases="guidance")]
+
+
+def test_steps_below_one_is_refused(model_dir, reference_path, tmp_path, capsys):
+    assert main(_args(model_dir, reference_path, tmp_path / "result.mp4", "--steps", "0")) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err

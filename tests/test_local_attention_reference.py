@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvmt_kernels import TileLayout, local_attention, local_attention_mask
+from fastvmt_kernels.layout import window_start
 from fastvmt_kernels.local_attention.reference import local_attention_reference
 
 from _utils import assert_rel_close
@@ -103,3 +104,16 @@ def test_empty_batch_or_no_heads_gives_empty_outputs(shape):
     q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
     out, lse = local_attention(q, k, v, (2, 3, 4), (1, 2, 2), (1, 1, 1), backend="torch", return_lse=True)
     assert out.shape == shape and lse.shape == (shape[0], shape[2], 24)  # was a ZeroDivisionError
+
+
+def test_density_equals_the_mask_fraction_on_a_ragged_grid():
+    grid, tile, window = (5, 7, 9), (2, 3, 2), (2, 1, 3)
+    exact = local_attention_mask(grid, tile, window).double().mean().item()
+    assert TileLayout.create(grid, tile, window).density() == pytest.approx(exact)
+
+
+def test_window_start_int_and_tensor_paths_agree():
+    for n in range(1, 7):
+        for window in range(1, 9):
+            tensor = window_start(torch.arange(n), n, window).tolist()
+            assert [window_start(c, n, window) for c in range(n)] == tensor, (n, window)

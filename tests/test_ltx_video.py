@@ -1,12 +1,14 @@
 """Drop-in local attention on a tiny random LTX-Video transformer: a covering window equals the stock model, a small
 one changes it, cross-attention stays stock, the Triton kernel (interpreter) equals the torch reference, and calls the
 processor cannot serve get clear errors."""
+import warnings
+
 import pytest
 import torch
 from _utils import REL_TOL, assert_covering_window_is_stock, assert_rel_close
 from _wan_tiny import sharpen_self_attention, single_thread
 
-from fastvmt.ltx_video import LTXVideoLocalAttnProcessor
+from fastvmt.ltx_video import LTXVideoLocalAttnProcessor, read_grid
 from fastvmt.processors import apply_local_attention
 
 NUM_LAYERS = 2
@@ -127,3 +129,37 @@ def test_calls_without_a_usable_grid_run_dense_with_one_warning(transformer):
     tokens = torch.randn(1, 3 * 5 * 6 + 4, 32)
     with pytest.warns(UserWarning, match=r"grid \(3, 5, 6\) \(90 tokens\) for a sequence of 94"):
         fresh(attn, tokens)
+
+
+def test_read_grid_is_frames_height_width():
+    assert read_grid(None, (), dict(num_frames=3, height=5, width=6)) == (3, 5, 6)
+
+
+def test_dense_fallback_warns_once_per_processor(transformer):
+    apply_local_attention(transformer, tile=TILE, window=(1, 1, 1), backend="torch")
+    attn = transformer.transformer_blocks[0].attn1
+    attn.processor._grid_source.value = GRID
+    fresh = LTXVideoLocalAttnProcessor(tile=TILE, window=(1, 1, 1), backend="torch")
+    fresh._grid_source = attn.processor._grid_source
+    tokens = torch.randn(1, 3 * 5 * 6 + 4, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            fresh(attn, tokens)
+            fresh(attn, tokens)
+    assert len([w for w in caught if "runs dense" in str(w.message)]) == 1
+
+
+def test_masked_self_attention_call_runs_the_stock_path(transformer):
+    from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
+
+    attn = transformer.transformer_blocks[0].attn1
+    torch.manual_seed(2)
+    tokens = torch.randn(1, 3 * 5 * 6, 32)
+    mask = torch.zeros(1, 1, 90)
+    mask[..., 45:] = -10000.0  # additive key mask hiding half the tokens
+    local = LTXVideoLocalAttnProcessor(tile=TILE, window=(1, 1, 1), backend="torch", grid=GRID)
+    with torch.no_grad():
+        got = local(attn, tokens, attention_mask=mask)
+        want = LTXVideoAttnProcessor()(attn, tokens, attention_mask=mask)
+    assert_rel_close(got, want, REL_TOL[torch.float32], "masked call")

@@ -569,3 +569,8 @@ def test_bad_inputs_raise(change, match, device):
     q, k, frame_shape = args.pop("q").to(device), args.pop("k").to(device), args.pop("frame_shape")
     with pytest.raises(ValueError, match=match):
         motion_flow(q, k, frame_shape, **args)
+
+
+def test_even_window_origin_is_centre_minus_half_side_on_both_axes():
+    geo = FlowGeometry.create((8, 8), (2, 2), (4, 4))
+    assert geo.origins_from_centres(torch.tensor([[4.0, 4.0]])).tolist() == [[2, 2]]

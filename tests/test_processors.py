@@ -5,7 +5,11 @@ from _utils import REL_TOL, assert_rel_close
 from _wan_tiny import sharpen_self_attention, single_thread, transformer_config
 
 from fastvmt.motion import truncated_qk
+from fastvmt_kernels import TileLayout
 from fastvmt.processors import (
+    DEFAULT_LOCAL_TILE,
+    DEFAULT_LOCAL_WINDOW,
+    PHASES,
     LocalAttnProcessor,
     QKCaptureProcessor,
     StopForward,
@@ -266,3 +270,13 @@ def test_captured_qk_are_after_norm_and_rope(transformer):
         q, k = _rotate(q, *seen["rope"]), _rotate(k, *seen["rope"])
     torch.testing.assert_close(capture.query, q)
     torch.testing.assert_close(capture.key, k)
+
+
+def test_default_tile_and_window_as_documented():
+    layout = TileLayout.create((21, 30, 52), DEFAULT_LOCAL_TILE, DEFAULT_LOCAL_WINDOW)
+    assert layout.num_tiles == (7, 3, 13) and all(g % t == 0 for g, t in zip(layout.grid, layout.tile))
+    assert layout.density() == pytest.approx(0.256, abs=5e-4)
+
+
+def test_processor_defaults_to_both_phases():
+    assert LocalAttnProcessor().phases == PHASES

@@ -249,3 +249,73 @@ def test_verdict_needs_a_finite_unguided_error():
     lines = verdict({"unguided": {"trajectory_error_px": math.nan}, "fastvmt": {"trajectory_error_px": 1.2}},
                     {"aligned": 6.0})
     assert "nan" not in lines[0] and "aligned error 1.20 px, 0.20x the chance baseline" in lines[0]
+
+
+def _painted(frames=2, size=16):
+    return torch.full((3, frames, size, size), data.BACKGROUND_LEVEL)
+
+
+def test_aligned_error_removes_the_first_valid_frames_offset():
+    ref = torch.zeros(4, 2)
+    est = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [4.0, 0.0]])
+    assert metrics.trajectory_errors(est, ref)["aligned"] == pytest.approx(1.0)
+
+
+def test_trajectory_errors_need_at_least_half_the_frames_rounded_up():
+    ref = torch.zeros(5, 2)
+    est = torch.full((5, 2), float("nan"))
+    est[:2] = 0.0  # 2 of 5 frames < ceil(2.5)
+    assert math.isnan(metrics.trajectory_errors(est, ref)["aligned"])
+
+
+def test_score_video_reports_the_aligned_error_as_trajectory_error(monkeypatch):
+    monkeypatch.setattr(metrics, "trajectory_errors", lambda e, r: {"aligned": 1.0, "unaligned": 2.0})
+    scores = metrics.score_video(_painted(), "red", torch.zeros(2, 2))
+    assert (scores["trajectory_error_px"], scores["trajectory_error_unaligned_px"]) == (1.0, 2.0)
+
+
+def test_chance_baseline_samples_paths_of_the_given_size(monkeypatch):
+    seen = []
+    sample = metrics.sample_trajectories
+    monkeypatch.setattr(metrics, "sample_trajectories", lambda *a, **kw: seen.append(kw.get("size")) or sample(*a, **kw))
+    metrics.chance_baseline(torch.zeros(4, 2), samples=4, size=24)
+    assert seen == [24]
+
+
+def test_foreground_background_is_the_median_of_all_four_borders():
+    clip = torch.zeros(3, 2, 8, 8)
+    clip[:, :, :3] = 1.0  # object on rows 0..2 (touches the top border; the bottom border is background)
+    traj = metrics.foreground_trajectory(clip)
+    assert torch.allclose(traj[:, 1], torch.ones(2))  # centroid row 1
+
+
+def test_foreground_weights_are_normalised_before_the_area_threshold():
+    clip = torch.zeros(3, 2, 8, 8)
+    clip[0, :, 4, 3:5] = 0.4  # two faint pixels: summed distance 0.8 < 1, normalised area 2
+    traj = metrics.foreground_trajectory(clip)
+    assert not torch.isnan(traj).any()
+
+
+def test_centroids_below_min_area_are_nan():
+    cov = torch.zeros(1, 8, 8)
+    cov[0, 2, 2:4] = 1.0  # area 2 < MIN_OBJECT_AREA
+    assert torch.isnan(metrics.centroids(cov)).all()
+
+
+def test_object_coverage_keeps_the_one_pixel_rim():
+    cov = torch.zeros(1, 9, 9)
+    cov[0, 3:6, 3:6] = 1.0
+    cov[0, 2, 4] = 0.4  # anti-aliased rim pixel next to the core
+    assert metrics.object_coverage(cov)[0, 2, 4] == pytest.approx(0.4)
+
+
+def test_leakage_only_for_a_different_reference_colour():
+    assert "leakage" not in metrics.score_video(_painted(), "red", reference_color="red")
+
+
+def test_two_blobs_of_the_colour_are_not_a_single_object():
+    video = _painted()
+    red = torch.tensor(data.COLORS["red"]).view(3, 1, 1, 1)
+    video[:, :, 1:4, 1:4] = red
+    video[:, :, 10:13, 10:13] = red
+    assert metrics.score_video(video, "red")["single_object_rate"] == 0.0
