@@ -220,8 +220,8 @@ def test_image_flag_animates_the_image_with_an_image_to_video_model(reference_pa
 
 
 def test_flags_reach_the_pipeline_call_config_and_local_attention(model_dir, reference_path, tmp_path, monkeypatch):
-    """Kills: --steps / --seed / --negative-prompt / --fps ignored, --recipe / --init dropped from the config,
-    --local-attention / --local-tile / --local-window not forwarded to apply_local_attention."""
+    """--steps, --seed and --negative-prompt reach the pipeline call, --recipe and --init its motion config, and
+    --local-attention / --local-tile / --local-window apply_local_attention (the pipeline call is faked)."""
     import types
 
     import numpy as np
