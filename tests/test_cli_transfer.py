@@ -1,8 +1,14 @@
 """``fastvmt transfer`` end to end on a tiny random Wan2.1 pipeline folder (with the Wan VAE), CPU."""
+import types
+
+import numpy as np
 import pytest
+import torch
 from _wan_tiny import moving_square_video, single_thread, tiny_pipeline_dir, two_expert_components
 
+import fastvmt.processors
 from fastvmt.cli import build_parser, main
+from fastvmt.pipeline import FastVMTPipeline
 from fastvmt.video_io import load_video, write_video
 
 
@@ -222,14 +228,6 @@ def test_image_flag_animates_the_image_with_an_image_to_video_model(reference_pa
 def test_flags_reach_the_pipeline_call_config_and_local_attention(model_dir, reference_path, tmp_path, monkeypatch):
     """--steps, --seed and --negative-prompt reach the pipeline call, --recipe and --init its motion config, and
     --local-attention / --local-tile / --local-window apply_local_attention (the pipeline call is faked)."""
-    import types
-
-    import numpy as np
-    import torch
-
-    import fastvmt.processors
-    from fastvmt.pipeline import FastVMTPipeline
-
     installs, calls = [], []
     monkeypatch.setattr(fastvmt.processors, "apply_local_attention", lambda transformer, **kw: installs.append(kw))
 
