@@ -73,6 +73,31 @@ def test_matches_dense_masked_softmax(name, backend, device):
         assert_rel_close(g, e, 2 * tol, gname)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("position", ["prefix", "suffix"])
+def test_grouped_query_heads_match_dense_over_shared_heads(position, backend, device):
+    """k, v with H_kv = H / 2 heads (grouped-query attention) and a global key mask: every query head h attends key /
+    value head h // 2, in the video queries' local and global parts and in the global queries' dense part."""
+    b, h, h_kv, d, grid, tile, window, num_global = 2, 4, 2, 16, (2, 3, 5), (1, 2, 2), (1, 1, 2), 4
+    total = num_global + grid[0] * grid[1] * grid[2]
+    q = torch.randn(b, total, h, d, device=device, requires_grad=True)
+    k, v = (torch.randn(b, total, h_kv, d, device=device, requires_grad=True) for _ in range(2))
+    key_mask = torch.ones(b, num_global, dtype=torch.bool)
+    key_mask[0, 1::2] = False
+    out = joint_local_attention(q, k, v, grid, tile, window, num_global=num_global, global_position=position,
+                                global_key_mask=key_mask.to(device), backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    shared = [t.repeat_interleave(h // h_kv, dim=2) for t in (k, v)]
+    mask = joint_mask(grid, tile, window, num_global, position == "prefix", key_mask)
+    expected = dense_masked(q, *shared, mask, d**-0.5)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), dout.double())
+    assert_rel_close(out, expected, REL_TOL[torch.float32], "out")
+    for gname, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert_rel_close(g, e, 2 * REL_TOL[torch.float32], gname)
+
+
 def test_chunked_video_to_global_block_matches_one_chunk(device, monkeypatch):
     from fastvmt_kernels.local_attention import joint
 

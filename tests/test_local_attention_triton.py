@@ -65,6 +65,69 @@ def test_forward_and_gradients_match_reference_and_dense(name, device):
             assert_rel_close(g, e, 2 * tol, f"{gname} vs {label}")
 
 
+GQA_CASES = {
+    # name: (dtype, B, H, H_kv, D, grid, tile, window)
+    "grouped-ragged-fp32": (torch.float32, 2, 4, 2, 16, (3, 5, 7), (2, 2, 3), (1, 2, 1)),
+    "multi-query-bf16": (torch.bfloat16, 1, 3, 1, 32, (2, 4, 6), (1, 2, 3), (2, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", list(GQA_CASES))
+def test_grouped_query_heads_match_dense_over_shared_heads(name, backend, device):
+    """k, v with H_kv < H heads (grouped-query / multi-query attention): query head h attends key / value head
+    h // (H / H_kv). Out, lse and the gradients (dk, dv summed over the query heads sharing a head) against a dense
+    fp64 softmax over the heads repeated by the test."""
+    dtype, b, h, h_kv, d, grid, tile, window = GQA_CASES[name]
+    seq = grid[0] * grid[1] * grid[2]
+    q = torch.randn(b, seq, h, d, device=device).to(dtype).requires_grad_()
+    k, v = (torch.randn(b, seq, h_kv, d, device=device).to(dtype).requires_grad_() for _ in range(2))
+    out, lse = local_attention(q, k, v, grid, tile, window, backend=backend, return_lse=True)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
+
+    shared = [t.repeat_interleave(h // h_kv, dim=2) for t in (k, v)]  # (B, L, H, D): head h holds head h // g
+    expected, expected_lse = dense_masked(q, *shared, local_attention_mask(grid, tile, window), d**-0.5)
+    expected_grads = torch.autograd.grad((expected, expected_lse), (q, k, v), (dout.double(), dlse.double()))
+    tol = REL_TOL[dtype]
+    assert out.shape == q.shape and lse.shape == (b, h, seq)
+    assert grads[1].shape == grads[2].shape == (b, seq, h_kv, d)
+    assert_rel_close(out, expected, tol, "out")
+    assert_rel_close(lse, expected_lse, 1e-5, "lse")
+    for gname, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert_rel_close(g, e, 2 * tol, gname)
+
+
+def test_grouped_query_heads_with_covering_window_equal_sdpa_enable_gqa(device):
+    grid, tile, window = (2, 3, 5), (2, 2, 4), (9, 9, 9)
+    q = torch.randn(1, 30, 6, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(1, 30, 2, 16, device=device, requires_grad=True) for _ in range(2))
+    out = local_attention(q, k, v, grid, tile, window, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    expected = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), enable_gqa=True).transpose(1, 2)
+    assert_rel_close(out, expected, REL_TOL[torch.float32], "out")
+    for gname, g, e in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(expected, (q, k, v), dout)):
+        assert_rel_close(g, e, 2 * REL_TOL[torch.float32], gname)
+
+
+@pytest.mark.parametrize(
+    "q_shape,k_shape,v_shape,match",
+    [
+        ((1, 24, 3, 16), (1, 24, 2, 16), (1, 24, 2, 16), r"multiple of k's and v's .* got H = 3, H_kv = 2"),
+        ((1, 24, 2, 16), (1, 24, 4, 16), (1, 24, 4, 16), r"multiple of k's and v's .* got H = 2, H_kv = 4"),
+        ((1, 24, 2, 16), (1, 24, 1, 16), (1, 24, 2, 16), r"k and v must have the same shape \(B, L, H_kv, D\)"),
+        ((1, 24, 2, 16), (1, 24, 1, 32), (1, 24, 1, 32), r"must agree in every dim but the heads"),
+        ((1, 24, 2, 16), (2, 24, 1, 16), (2, 24, 1, 16), r"must agree in every dim but the heads"),
+    ],
+)
+def test_mismatched_head_groups_raise(q_shape, k_shape, v_shape, match):
+    q, k, v = torch.randn(q_shape), torch.randn(k_shape), torch.randn(v_shape)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=match):
+            local_attention(q, k, v, (2, 3, 4), (1, 1, 1), (1, 1, 1), backend=backend)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_custom_scale_forward_and_gradients(backend, device):
     grid, tile, window, scale = (2, 4, 6), (1, 2, 3), (1, 1, 1), 0.7
@@ -202,15 +265,18 @@ def test_too_many_tokens_for_int32_rows_is_refused():
         local_attention(q, q, q, grid, tile, window, backend="triton")
 
 
-def test_poisoned_outputs_are_fully_overwritten(device):
+@pytest.mark.parametrize("h_kv", [2, 1])
+def test_poisoned_outputs_are_fully_overwritten(h_kv, device):
+    """Every element of out, lse, dq, dk, dv is written (multi-head, and multi-query with dk, dv of one head)."""
     grid, tile, window = (3, 3, 5), (2, 2, 3), (1, 2, 1)  # ragged on every axis, padded tiles
     layout = TileLayout.create(grid, tile, window)
     b, h, d, seq = 1, 2, 16, 45
-    q, k, v, dout = (torch.randn(b, seq, h, d, device=device) for _ in range(4))
+    q, dout = (torch.randn(b, seq, h, d, device=device) for _ in range(2))
+    k, v = (torch.randn(b, seq, h_kv, d, device=device) for _ in range(2))
     out = torch.full((b, seq, h, d), POISON, device=device)
     lse = torch.full((b, h, seq), POISON, device=device)
     op.launch_forward(q, k, v, layout, d**-0.5, out=out, lse=lse)
-    grads = [torch.full((b, seq, h, d), POISON, device=device) for _ in range(3)]
+    grads = [torch.full(t.shape, POISON, device=device) for t in (q, k, v)]
     op.launch_backward(dout, q, k, v, out, lse, None, layout, d**-0.5, *grads)
 
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
@@ -253,10 +319,12 @@ def test_custom_op_traces_under_torch_compile(device):
         assert_rel_close(g, e, 2 * REL_TOL[torch.float32], gname)
 
 
-def test_opcheck_forward_op(device):
+@pytest.mark.parametrize("h_kv", [2, 1])
+def test_opcheck_forward_op(h_kv, device):
     """Schema, fake kernel, autograd registration and AOT dispatch (forward + backward through the registered
-    backward op), on a 3 x 5 x 3 grid with 1 x 2 x 2 tiles (ragged in y and x)."""
-    q, k, v = (torch.randn(1, 45, 2, 16, device=device, requires_grad=True) for _ in range(3))
+    backward op), on a 3 x 5 x 3 grid with 1 x 2 x 2 tiles (ragged in y and x); multi-head and multi-query."""
+    q = torch.randn(1, 45, 2, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(1, 45, h_kv, 16, device=device, requires_grad=True) for _ in range(2))
     torch.library.opcheck(
         torch.ops.fastvmt.local_attention_fwd.default,
         (q, k, v, [3, 5, 3], [1, 2, 2], [1, 1, 1], 0.25),

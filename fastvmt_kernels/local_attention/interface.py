@@ -14,6 +14,25 @@ from .reference import local_attention_reference
 MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's y dimension (the kernels' batch x heads axis)
 
 
+def check_head_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_layout: str, kv_layout: str) -> None:
+    """Raise a ValueError unless k and v share one shape that matches q's but for the head count, and q's heads H
+    are a multiple of the key / value heads H_kv (H_kv = H: multi-head; 1 < H_kv < H: grouped-query; 1: multi-query
+    attention). ``q_layout`` / ``kv_layout`` name the expected layouts in the message."""
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape {kv_layout}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    heads, heads_kv = q.shape[2], k.shape[2]
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {q_layout} and k, v {kv_layout} must agree in every dim but the heads, got q {tuple(q.shape)} and "
+            f"k, v {tuple(k.shape)}"
+        )
+    if (heads_kv == 0 and heads != 0) or (heads_kv and heads % heads_kv):
+        raise ValueError(
+            f"q's heads must be a multiple of k's and v's (H = H_kv: multi-head, H = g * H_kv: grouped-query "
+            f"attention), got H = {heads}, H_kv = {heads_kv}"
+        )
+
+
 def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -31,6 +50,9 @@ def local_attention(
     Args:
         q, k, v: (B, L, H, D), L = T*Hg*Wg tokens in raster order (t, then y, then x) -- Wan2.1's layout.
             One dtype among float16 / bfloat16 / float32, one device. Views (non-contiguous) are accepted.
+            k and v may have fewer heads, (B, L, H_kv, D) with H a multiple of H_kv: grouped-query (multi-query
+            for H_kv = 1) attention, query head h attending key / value head h // (H / H_kv), as
+            ``scaled_dot_product_attention(..., enable_gqa=True)``.
         grid: (T, Hg, Wg) tokens.
         tile: (tt, th, tw) tokens per tile; the last tile along an axis may be partial.
         window: (wt, wh, ww) window size in tiles, each >= 1. See :mod:`fastvmt_kernels.layout` for the rule.
@@ -40,13 +62,11 @@ def local_attention(
         return_lse: also return the fp32 natural-log log-sum-exp, (B, H, L).
 
     Returns:
-        out (B, L, H, D) in q's dtype, or (out, lse) when ``return_lse``. Differentiable w.r.t. q, k, v.
+        out (B, L, H, D) in q's dtype, or (out, lse) when ``return_lse``. Differentiable w.r.t. q, k, v (the
+        gradients of k and v sum over the query heads that share them).
     """
     check_tensors(("q", "k", "v"), (q, k, v), 4, "(B, L, H, D)")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(
-            f"q, k, v must have the same shape (B, L, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+    check_head_groups(q, k, v, "(B, L, H, D)", "(B, L, H_kv, D)")
     layout = TileLayout.create(grid, tile, window)
     if layout.num_tokens != q.shape[1]:
         raise ValueError(f"grid {layout.grid} has {layout.num_tokens} tokens but q has L = {q.shape[1]}")

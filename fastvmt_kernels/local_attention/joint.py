@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .._checks import check_tensors
 from ..layout import TileLayout
-from .interface import local_attention
+from .interface import check_head_groups, local_attention
 
 GLOBAL_POSITIONS = ("prefix", "suffix")
 # Logit given to masked global keys: finite, so a row whose global keys are all masked gets the merge weight
@@ -30,10 +30,11 @@ GLOBAL_QUERY_CHUNK = 8192
 def _video_to_global(q_video, k_glob, v_glob, key_mask, scale):
     """Softmax attention of the video queries over the global keys alone, GLOBAL_QUERY_CHUNK queries at a time.
 
-    q_video: (B, L, H, D); k_glob, v_glob: (B, G, H, D); key_mask: (B, G) bool or None.
+    q_video: (B, L, H, D); k_glob, v_glob: (B, G, H_kv, D), H a multiple of H_kv; key_mask: (B, G) bool or None.
     Returns out (B, L, H, D) fp32 and its natural-log log-sum-exp (B, H, L) fp32, both differentiable.
     """
-    k_f, v_f = k_glob.float(), v_glob.float()
+    group = q_video.shape[2] // k_glob.shape[2]
+    k_f, v_f = (t.float().repeat_interleave(group, dim=2) for t in (k_glob, v_glob))  # G keys only: small
     outs, lses = [], []
     with torch.autocast(q_video.device.type, enabled=False):  # fp32 also in an autocast region
         for start in range(0, q_video.shape[1], GLOBAL_QUERY_CHUNK):
@@ -67,6 +68,8 @@ def joint_local_attention(
         q, k, v: (B, N, H, D), N = num_global + L. The global tokens come first (``global_position="prefix"``,
             CogVideoX's [text, video]) or last (``"suffix"``, HunyuanVideo's [video, text]); the video tokens are
             in raster order (t, then y, then x). One dtype among float16 / bfloat16 / float32, one device.
+            k and v may have fewer heads, (B, N, H_kv, D) with H a multiple of H_kv (grouped-query attention, as
+            in :func:`local_attention`).
         grid, tile, window: the video token grid (T, Hg, Wg), tiles (tt, th, tw) and window in tiles (wt, wh, ww),
             exactly as :func:`local_attention`.
         num_global: number of global tokens, 0 <= num_global < N (0 gives plain local attention).
@@ -84,10 +87,7 @@ def joint_local_attention(
     by log-sum-exp.
     """
     check_tensors(("q", "k", "v"), (q, k, v), 4, "(B, N, H, D)")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(
-            f"q, k, v must have the same shape (B, N, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+    check_head_groups(q, k, v, "(B, N, H, D)", "(B, N, H_kv, D)")
     batch, total, _, head_dim = q.shape
     if isinstance(num_global, bool) or not isinstance(num_global, int) or not 0 <= num_global < total:
         raise ValueError(f"num_global must be an int in [0, N) = [0, {total}), got {num_global!r}")
@@ -137,6 +137,7 @@ def joint_local_attention(
         keys_ok = torch.cat([global_key_mask, video_ok] if prefix else [video_ok, global_key_mask], dim=1)
         attn_mask = keys_ok[:, None, None, :]  # (B, 1, 1, N): broadcast over heads and queries
     out_global = F.scaled_dot_product_attention(
-        q[:, glob].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale
+        q[:, glob].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale,
+        enable_gqa=k.shape[2] != q.shape[2],
     ).transpose(1, 2)
     return torch.cat([out_global, out_video] if prefix else [out_video, out_global], dim=1)

@@ -26,6 +26,11 @@ Backward: the dq kernel (per query block, looping over the window's key tiles) f
 ``delta = rowsum(dO * O) - dlse`` and stores it; the dk/dv kernel (per key block) loops over the query tiles
 whose windows contain its tile -- per axis a contiguous range, read from a small host-built int32 table --
 and recomputes P from q, k and lse. No atomics.
+
+Grouped-query attention (k, v with H / KV_GROUP heads): every program of query head h reads key / value head
+``h // KV_GROUP`` (one integer division per program; offline sm_90a compiles at D = 64 and 128 give the same
+registers, spills and hot-loop instructions as multi-head). The dk/dv kernel then writes each query head's contribution, which the launcher sums per group in
+fp32 (a dk/dv program looping over its group's query heads instead held 255 registers and spilled on sm_80-sm_100).
 """
 from __future__ import annotations
 
@@ -268,9 +273,12 @@ def local_attention_fwd_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RAGGED_T: tl.constexpr, RAGGED_Y: tl.constexpr, RAGGED_X: tl.constexpr,
-    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr, KV_GROUP: tl.constexpr,
 ):
-    """Forward. Grid: (n_tiles * ceil(VOL / BLOCK_M), B * H). Writes O (B, L, H, D) and LSE (B, H, L) fp32."""
+    """Forward. Grid: (n_tiles * ceil(VOL / BLOCK_M), B * H). Writes O (B, L, H, D) and LSE (B, H, L) fp32.
+
+    K, V: (B, L, H / KV_GROUP, D); query head h reads key/value head h // KV_GROUP (grouped-query attention).
+    """
     VOL: tl.constexpr = TT * TH * TW
     N_SUB_M: tl.constexpr = (VOL + BLOCK_M - 1) // BLOCK_M
     PAD_N: tl.constexpr = VOL % BLOCK_N != 0
@@ -283,8 +291,9 @@ def local_attention_fwd_kernel(
     rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * sq_b + h * sq_h, rows, sq_l, offs_d, valid, HEAD_DIM, True, D_PAD, INTERPRET)
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
+    kv_h = h // KV_GROUP
+    k_base = K + b * sk_b + kv_h * sk_h
+    v_base = V + b * sv_b + kv_h * sv_h
 
     st, ft, et, sy, fy, ey, sx, fx, ex = _query_window(ct, cy, cx, NT, NY, NX, WT, WY, WX, HALF_T, HALF_Y, HALF_X,
                                                        T, HG, WG, TT, TH, TW)
@@ -353,9 +362,10 @@ def local_attention_dq_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RAGGED_T: tl.constexpr, RAGGED_Y: tl.constexpr, RAGGED_X: tl.constexpr, HAS_DLSE: tl.constexpr,
-    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr, KV_GROUP: tl.constexpr,
 ):
-    """dq and delta. Grid: (n_tiles * ceil(VOL / BLOCK_M), B * H). delta = rowsum(dO*O) - dlse, (B, H, L) fp32."""
+    """dq and delta. Grid: (n_tiles * ceil(VOL / BLOCK_M), B * H). delta = rowsum(dO*O) - dlse, (B, H, L) fp32.
+    K, V: (B, L, H / KV_GROUP, D), as in the forward."""
     VOL: tl.constexpr = TT * TH * TW
     N_SUB_M: tl.constexpr = (VOL + BLOCK_M - 1) // BLOCK_M
     PAD_N: tl.constexpr = VOL % BLOCK_N != 0
@@ -377,8 +387,9 @@ def local_attention_dq_kernel(
         delta -= tl.load(DLSE + stat_off, mask=valid, other=0.0)
     tl.store(DELTA + stat_off, delta, mask=valid)
     lse2 = tl.load(LSE + stat_off, mask=valid, other=0.0) * LOG2E
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
+    kv_h = h // KV_GROUP
+    k_base = K + b * sk_b + kv_h * sk_h
+    v_base = V + b * sv_b + kv_h * sv_h
 
     st, ft, et, sy, fy, ey, sx, fx, ex = _query_window(ct, cy, cx, NT, NY, NX, WT, WY, WX, HALF_T, HALF_Y, HALF_X,
                                                        T, HG, WG, TT, TH, TW)
@@ -440,10 +451,12 @@ def local_attention_dkdv_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RAGGED_T: tl.constexpr, RAGGED_Y: tl.constexpr, RAGGED_X: tl.constexpr,
-    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr, KV_GROUP: tl.constexpr,
 ):
     """dk, dv (written with DK's strides, also used for DV). Grid: (n_tiles * ceil(VOL / BLOCK_N), B * H).
 
+    Per query head h: K, V are (B, L, H / KV_GROUP, D), read at head h // KV_GROUP; DK, DV are (B, L, H, D), query
+    head h's contribution (the launcher sums each group's heads when KV_GROUP > 1).
     QRANGE: int32 [lo_t(NT), lo_y(NY), lo_x(NX), hi_t(NT), hi_y(NY), hi_x(NX)]: per axis and key tile, the
     query tiles [lo, hi) whose windows contain it.
     """
@@ -455,11 +468,12 @@ def local_attention_dkdv_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)  # head bases in int64: a head-major view's head stride can pass 2**31 / H
+    kv_h = h // KV_GROUP
     ct, cy, cx, sub, NT, NY, NX = _program_tile(pid, T, HG, WG, TT, TH, TW, N_SUB_N)
     rows, valid = _tile_rows(ct, cy, cx, sub, T, HG, WG, TT, TH, TW, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * sk_b + h * sk_h, rows, sk_l, offs_d, valid, HEAD_DIM, True, D_PAD, INTERPRET)
-    v = _load_rows(V + b * sv_b + h * sv_h, rows, sv_l, offs_d, valid, HEAD_DIM, True, D_PAD, INTERPRET)
+    k = _load_rows(K + b * sk_b + kv_h * sk_h, rows, sk_l, offs_d, valid, HEAD_DIM, True, D_PAD, INTERPRET)
+    v = _load_rows(V + b * sv_b + kv_h * sv_h, rows, sv_l, offs_d, valid, HEAD_DIM, True, D_PAD, INTERPRET)
     q_base = Q + b * sq_b + h * sq_h
     do_base = DO + b * sdo_b + h * sdo_h
     seq = T * HG * WG
@@ -549,6 +563,7 @@ def inspect_specs(head_dims=INSPECT_HEAD_DIMS, shared_memory: int = HOPPER_SHARE
             cfg = configs[kind]
             bm, bn = block_sizes(cfg, vol)
             constexprs = dict(common, BLOCK_M=bm, BLOCK_N=bn)
+            constexprs["KV_GROUP"] = 1
             if kind == "dq":
                 constexprs["HAS_DLSE"] = False
             signature = {}

@@ -96,6 +96,11 @@ def _common(q: torch.Tensor, layout: TileLayout):
     return kernels.kernel_configs(head_dim, elem, shared_memory_per_block(q.device)), constexprs
 
 
+def kv_group(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query heads per key/value head: H / H_kv of q (B, L, H, D) and k (B, L, H_kv, D) (1 without grouping)."""
+    return q.shape[2] // k.shape[2] if k.shape[2] else 1
+
+
 def _num_tiles(layout: TileLayout) -> int:
     nt, ny, nx = layout.num_tiles
     return nt * ny * nx
@@ -110,7 +115,8 @@ def launch_forward(
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward kernel. q, k, v: (B, L, H, D) (views ok); out: (B, L, H, D), lse: (B, H, L) fp32.
+    """Run the forward kernel. q: (B, L, H, D), k, v: (B, L, H_kv, D) with H a multiple of H_kv (views ok);
+    out: (B, L, H, D), lse: (B, H, L) fp32.
 
     ``out`` / ``lse`` may be passed pre-allocated (any (B, L, H, D) strides with unit D stride; lse contiguous),
     which the tests use to poison them.
@@ -131,7 +137,8 @@ def launch_forward(
             q, k, v, out, lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             h, *layout.grid, *_window_args(layout), scale * kernels.LOG2E.value,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
+            BLOCK_M=block_m, BLOCK_N=block_n, KV_GROUP=kv_group(q, k),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
         )
     return out, lse
 
@@ -150,7 +157,8 @@ def launch_backward(
     dk: Optional[torch.Tensor] = None,
     dv: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the dq (+delta) and dk/dv kernels. All (B, L, H, D) except lse / dlse (B, H, L) fp32.
+    """Run the dq (+delta) and dk/dv kernels. dout, q, out, dq: (B, L, H, D); k, v, dk, dv: (B, L, H_kv, D);
+    lse / dlse (B, H, L) fp32.
 
     dq, dk, dv may be passed pre-allocated (dk and dv must share strides), as the poisoning tests do.
     """
@@ -161,14 +169,19 @@ def launch_backward(
         dlse = dlse.to(torch.float32).contiguous()
     if dq is None:
         dq = torch.empty((b, seq, h, d), dtype=q.dtype, device=q.device)
+    group = kv_group(q, k)
     if dk is None:
-        dk = torch.empty((b, seq, h, d), dtype=q.dtype, device=q.device)
+        dk = torch.empty((b, seq, h // group, d), dtype=q.dtype, device=q.device)
     if dv is None:
         dv = torch.empty_like(dk)
     if dk.stride() != dv.stride():
         raise ValueError(f"dk and dv must share strides, got {dk.stride()} and {dv.stride()}")
     for name, t in (("dq", dq), ("dk", dk)):
         _check_output(t, name)
+    # Grouped-query heads: the dk/dv kernel writes every query head's contribution (fp32), summed per group below.
+    dk_heads, dv_heads = (dk, dv) if group == 1 else (
+        torch.empty((b, seq, h, d), dtype=torch.float32, device=q.device) for _ in range(2)
+    )
     delta = torch.empty((b, h, seq), dtype=torch.float32, device=q.device)
     configs, constexprs = _common(q, layout)
     tiles = _num_tiles(layout)
@@ -181,17 +194,21 @@ def launch_backward(
             q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq),
             h, *layout.grid, *_window_args(layout), scale, qk_scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, HAS_DLSE=dlse is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, HAS_DLSE=dlse is not None, KV_GROUP=group,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
         )
         cfg = configs["dkdv"]
         block_m, block_n = kernels.block_sizes(cfg, layout.tile_volume)
         kernels.local_attention_dkdv_kernel[(tiles * math.ceil(layout.tile_volume / block_n), b * h)](
-            q, k, v, dout, lse, delta, dk, dv, table,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
+            q, k, v, dout, lse, delta, dk_heads, dv_heads, table,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk_heads),
             h, *layout.grid, scale, qk_scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
+            BLOCK_M=block_m, BLOCK_N=block_n, KV_GROUP=group,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
         )
+    if group > 1:
+        for out_grad, per_head in ((dk, dk_heads), (dv, dv_heads)):
+            out_grad.copy_(per_head.view(b, seq, h // group, group, d).sum(dim=3))
     return dq, dk, dv
 
 
@@ -204,7 +221,7 @@ def launch_backward(
 def local_attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: List[int], tile: List[int], window: List[int], scale: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward custom op: (out (B, L, H, D), lse (B, H, L) fp32)."""
+    """Forward custom op: (out (B, L, H, D), lse (B, H, L) fp32); k, v: (B, L, H_kv, D), H a multiple of H_kv."""
     return launch_forward(q, k, v, TileLayout.create(grid, tile, window), scale)
 
 
@@ -228,14 +245,13 @@ def local_attention_bwd_op(
     window: List[int],
     scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward custom op: (dq, dk, dv), each (B, L, H, D) in q's dtype."""
+    """Backward custom op: (dq (B, L, H, D), dk, dv (B, L, H_kv, D)) in q's dtype."""
     return launch_backward(dout, q, k, v, out, lse, dlse, TileLayout.create(grid, tile, window), scale)
 
 
 @local_attention_bwd_op.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, dlse, grid, tile, window, scale):
-    b, seq, h, d = q.shape
-    return tuple(q.new_empty((b, seq, h, d)) for _ in range(3))
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -260,7 +276,8 @@ local_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context
 def local_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout, scale: Optional[float] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Triton local attention. q, k, v: (B, L, H, D) (validated by the caller for rank/dtype/device/L).
+    """Triton local attention. q: (B, L, H, D), k, v: (B, L, H_kv, D), H a multiple of H_kv (validated by the
+    caller for rank/dtype/device/L/heads).
 
     Returns out (B, L, H, D) in q's dtype and lse (B, H, L) fp32 natural log; differentiable.
     """

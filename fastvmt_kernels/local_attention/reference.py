@@ -41,7 +41,8 @@ def local_attention_reference(
     """Local-window attention by chunked dense masked softmax.
 
     Args:
-        q, k, v: (B, L, H, D), L = T*Hg*Wg in raster order; any float dtype.
+        q, k, v: (B, L, H, D), L = T*Hg*Wg in raster order; any float dtype. k, v may have H_kv heads with H a
+            multiple of H_kv (grouped-query attention: query head h uses key / value head h // (H / H_kv)).
         layout: the grid / tile / window geometry.
         scale: logit scale, default 1/sqrt(D).
         chunk_rows: queries per chunk; default keeps each chunk's logits under CHUNK_LOGITS_BYTES.
@@ -51,6 +52,8 @@ def local_attention_reference(
     """
     b, seq, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if 0 < k.shape[2] < h:  # grouped-query attention: each key / value head serves h / H_kv query heads
+        k, v = (t.repeat_interleave(h // k.shape[2], dim=2) for t in (k, v))
     if b * h == 0:  # an empty batch or no heads: empty outputs (0 * anything rows of work)
         return q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty(b, h, seq, dtype=torch.float32)
     if chunk_rows is None:
