@@ -295,6 +295,49 @@ def test_auto_backend_takes_the_reference_for_channels_the_kernels_do_not_compil
         motion_flow(q, k, (3, 4), backend="triton", **kwargs)
 
 
+@pytest.fixture
+def restore_deterministic_flag():
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def test_deterministic_algorithms_flag(device, monkeypatch, restore_deterministic_flag):
+    """Under torch.use_deterministic_algorithms(True) the triton backward (dk by fp32 atomics) follows torch's
+    convention for nondeterministic ops: it raises, or warns with warn_only=True and still returns the gradients;
+    its forward is unaffected. backend="auto" then takes the reference for differentiable inputs (the kernels for
+    inputs without gradients, and without the flag)."""
+    from fastvmt_kernels.motion_flow import interface
+
+    q, k = _inputs((1, 3, 12, 16), torch.float32, device)
+    q.requires_grad_()
+    kwargs = dict(tile=(2, 2), window=3, span=2)
+    g = torch.randn(1, 5, 12, 2, device=device)
+    ref = motion_flow(q, k, (3, 4), backend="torch", **kwargs)[0]
+    ref_grad = torch.autograd.grad(ref, q, g)[0]
+
+    torch.use_deterministic_algorithms(True)
+    flow = motion_flow(q, k, (3, 4), backend="triton", **kwargs)[0]
+    assert_rel_close(flow, ref, REL_TOL[torch.float32], "forward under the flag")
+    with pytest.raises(RuntimeError, match="triton backward does not have a deterministic implementation"):
+        torch.autograd.grad(flow, q, g)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    with pytest.warns(UserWarning, match="does not have a deterministic implementation"):
+        grad = torch.autograd.grad(motion_flow(q, k, (3, 4), backend="triton", **kwargs)[0], q, g)[0]
+    assert_rel_close(grad, ref_grad, REL_TOL[torch.float32], "dq with warn_only")
+
+    reference_calls = []
+    reference = interface.motion_flow_reference
+    monkeypatch.setattr(interface, "resolve_backend", lambda backend, dev: "torch" if backend == "torch" else "triton")
+    monkeypatch.setattr(interface, "motion_flow_reference", lambda *a, **kw: reference_calls.append(1) or reference(*a, **kw))
+    motion_flow(q, k, (3, 4), backend="auto", **kwargs)  # differentiable: the reference (warn_only: cuBLAS on a GPU)
+    assert len(reference_calls) == 1
+    motion_flow(q.detach(), k.detach(), (3, 4), backend="auto", **kwargs)  # no gradient: the kernels
+    torch.use_deterministic_algorithms(False)
+    motion_flow(q, k, (3, 4), backend="auto", **kwargs)  # no flag: the kernels
+    assert len(reference_calls) == 1
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_given_windows_replace_the_coarse_pass(device, backend):
     frame, tile, window, span = (5, 7), (2, 3), 3, 2

@@ -80,6 +80,16 @@ def triton_unsupported_reason(q: torch.Tensor, geo: FlowGeometry) -> Optional[st
     return None
 
 
+def _needs_deterministic_gradients(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """True when ``torch.use_deterministic_algorithms(True)`` is set and a gradient of q or k will be taken: the
+    triton backward accumulates dk with fp32 atomics, so ``backend="auto"`` then takes the torch reference."""
+    return (
+        torch.are_deterministic_algorithms_enabled()
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad)
+    )
+
+
 def _checked_windows(windows, q, geo: FlowGeometry, span: int, head_reduce: str) -> torch.Tensor:
     """Given window origins, which must have the shape ``return_windows`` gives and lie where the coarse pass can put
     them (checked eagerly; inside a compiled graph, where that data-dependent check cannot be traced, clamped into
@@ -169,8 +179,11 @@ def motion_flow(
         span: temporal extent (>= 1): frame i is paired with i, ..., i + span - 1.
         temperature: positive logit multiplier.
         backend: "auto" (Triton for CUDA tensors the kernels take, the PyTorch reference otherwise, e.g. for
-            ``mean_logits`` with H * D > 256), "triton" (CUDA, or CPU under TRITON_INTERPRET=1; D -- H * D for
-            ``mean_logits`` -- a multiple of 16 up to 256) or "torch" (chunked fp32 reference, any D).
+            ``mean_logits`` with H * D > 256, or for differentiable inputs under
+            ``torch.use_deterministic_algorithms(True)``), "triton" (CUDA, or CPU under TRITON_INTERPRET=1; D --
+            H * D for ``mean_logits`` -- a multiple of 16 up to 256; its backward accumulates dk with fp32 atomics,
+            so under that flag it raises, or warns with ``warn_only=True``, as torch's nondeterministic ops do) or
+            "torch" (chunked fp32 reference, any D).
         head_reduce: "mean_qk", "mean_flow" or "mean_logits" (the last two for 5-D inputs only), see above.
         return_windows: also return the window origins.
         windows: optional window origins to use instead of the coarse pass, in the layout ``return_windows`` gives
@@ -193,6 +206,8 @@ def motion_flow(
     chosen = resolve_backend(backend, q.device)
     if backend == "auto" and chosen == "triton" and triton_unsupported_reason(q, geo):
         chosen = "torch"  # e.g. mean_logits over Wan's 12 x 128 channels (D' = 1536)
+    if backend == "auto" and chosen == "triton" and _needs_deterministic_gradients(q, k):
+        chosen = "torch"  # the triton backward's dk atomics are not deterministic
     if q.dim() == 4:
         flow, pairs, windows = _flow_4d(q, k, geo, span, temperature, chosen, windows)
     else:

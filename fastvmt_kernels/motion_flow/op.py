@@ -11,6 +11,7 @@ launchers take preallocated outputs so tests can poison them.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -200,11 +201,29 @@ def _motion_flow_fwd_fake(q, k, given_windows, span, frame_h, frame_w, tile_h, t
     )
 
 
+def alert_nondeterministic_backward() -> None:
+    """torch's convention for an op without a deterministic implementation, applied to the Triton backward (its dk
+    accumulates with fp32 atomics, whose order varies on a GPU): under ``torch.use_deterministic_algorithms(True)``
+    raise a RuntimeError, or warn with ``warn_only=True``; otherwise nothing."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        "fastvmt motion_flow's triton backward does not have a deterministic implementation (dk accumulates with "
+        "fp32 atomics), but torch.use_deterministic_algorithms(True) is set; use backend='torch' or 'auto' (which "
+        "then takes the torch reference for differentiable inputs), or disable the flag"
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(message)
+
+
 def _backward_kernels(
     grad_flow: Tensor, q: Tensor, k: Tensor, windows: Tensor, flow: Tensor, lse: Tensor, span: int,
     frame_h: int, frame_w: int, tile_h: int, tile_w: int, window_h: int, window_w: int, temperature: float,
 ) -> Tuple[Tensor, Tensor]:
     """Body of :func:`motion_flow_bwd` (shared with the eager autograd path)."""
+    alert_nondeterministic_backward()
     geo = _geometry(frame_h, frame_w, tile_h, tile_w, window_h, window_w)
     dq = torch.empty_like(q)
     dk_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
