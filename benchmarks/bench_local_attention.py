@@ -69,6 +69,10 @@ FLEX_MODELS = ("tiny",) if DRY else ("wan2.1-1.3b",)  # FlexAttention compiles s
 # FlexAttention's densities: on a GPU only the sparsest (each density compiles for ~10 s; run 5's 90 s stage ran out
 # before the 25% and 50% rows; runs 1-4 have all three, benchmarks/results/local_attention_run4.md).
 FLEX_DENSITIES = None if DRY else ("10%",)
+# Grouped-query attention (provider "ours-gqa"): k, v with heads / GQA_GROUP heads, timed last (new kernel
+# specialisations compile; a stage timeout loses only these rows) at one density, against "ours" there.
+GQA_GROUP = 2 if DRY else 4
+GQA_MODEL, GQA_DENSITY = next(iter(MODELS)), "25%"
 
 RESULTS: List[Dict[str, object]] = []
 
@@ -110,8 +114,8 @@ def flex_mask_mod(layout: TileLayout):
 
 
 def make_attention(provider: str, layout: TileLayout) -> Callable:
-    """Attention callable on (B, L, H, D) tensors for ``provider``."""
-    if provider == "ours":
+    """Attention callable on (B, L, H, D) tensors for ``provider`` (k, v with fewer heads for "ours-gqa")."""
+    if provider in ("ours", "ours-gqa"):
         return lambda q, k, v: local_attention(q, k, v, layout.grid, layout.tile, layout.window, backend="triton")
     if provider == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -151,15 +155,19 @@ GPU_CHECK_REL_TOL = 2e-2  # bf16 kernel vs the fp32 chunked reference, relative 
 
 
 def check_first_head_against_reference(attend, q, k, v, layout):
-    """Head 0 of our kernel's output (the configuration being timed, at the benchmark's full shape) against the
-    chunked fp32 reference; raises AssertionError with the relative error."""
+    """The first and the last head of our kernel's output (the configuration being timed, at the benchmark's full
+    shape) against the chunked fp32 reference on those heads of q and of k, v (with grouped heads, the first and
+    the last query head read the first and the last key / value head); raises AssertionError with the error."""
     from fastvmt_kernels.local_attention.reference import local_attention_reference
 
     with torch.no_grad():
-        got = attend(q, k, v)[:, :, :1].float()
-        want = local_attention_reference(*(t[:, :, :1].float() for t in (q, k, v)), layout)[0]
-    rel = ((got - want).abs().max() / want.abs().max()).item()
-    assert rel < GPU_CHECK_REL_TOL, f"ours disagrees with the reference on head 0: relative error {rel:.3g}"
+        out = attend(q, k, v)
+        for head in (0, -1):
+            pick = slice(0, 1) if head == 0 else slice(-1, None)
+            got = out[:, :, pick].float()
+            want = local_attention_reference(*(t[:, :, pick].float() for t in (q, k, v)), layout)[0]
+            rel = ((got - want).abs().max() / want.abs().max()).item()
+            assert rel < GPU_CHECK_REL_TOL, f"ours disagrees with the reference on head {head}: relative error {rel:.3g}"
 
 
 def cases():
@@ -180,6 +188,8 @@ def cases():
                 continue
             for mode in MODES:
                 yield model, density, "flex", mode
+    for mode in MODES:
+        yield GQA_MODEL, GQA_DENSITY, "ours-gqa", mode
 
 
 @pytest.mark.parametrize("case", list(cases()), ids=lambda case: "-".join(case))
@@ -200,7 +210,9 @@ def test_local_attention(benchmark, case, monkeypatch):
     if provider == "sdpa-cudnn" and not torch.backends.cudnn.is_available():
         pytest.skip("cuDNN unavailable")
     attend = make_attention(provider.split("@")[0], layout)
-    q, k, v = (torch.randn(BATCH, SEQ, heads, HEAD_DIM, device=DEVICE, dtype=DTYPE) for _ in range(3))
+    heads_kv = heads // GQA_GROUP if provider == "ours-gqa" else heads
+    q = torch.randn(BATCH, SEQ, heads, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    k, v = (torch.randn(BATCH, SEQ, heads_kv, HEAD_DIM, device=DEVICE, dtype=DTYPE) for _ in range(2))
     if mode == "fwd":
         def step():
             with torch.no_grad():
@@ -214,13 +226,13 @@ def test_local_attention(benchmark, case, monkeypatch):
             out = attend(q, k, v)
             return torch.autograd.grad(out, (q, k, v), dout)
 
-    if DRY and provider.split("@")[0] in ("ours", "flex"):  # the dry run also proves both implement the rule
+    if DRY and provider.split("@")[0] in ("ours", "ours-gqa", "flex"):  # the dry run also proves they implement the rule
         from fastvmt_kernels.local_attention.reference import local_attention_reference
 
         with torch.no_grad():
             expected = local_attention_reference(q, k, v, layout)[0]
             assert torch.allclose(attend(q, k, v), expected, atol=1e-4), f"{provider} disagrees with the reference"
-    if not DRY and provider == "ours" and mode == "fwd":  # the timed configuration computes the right thing
+    if not DRY and provider in ("ours", "ours-gqa") and mode == "fwd":  # the timed configuration is right
         check_first_head_against_reference(attend, q, k, v, layout)
     step()  # compile / autotune outside the timing
     ms = time_ms(step)
@@ -229,7 +241,7 @@ def test_local_attention(benchmark, case, monkeypatch):
     pairs = SEQ * SEQ * (1.0 if density == "dense" else layout.density())
     flops = 4 * BATCH * heads * HEAD_DIM * pairs * (1 if mode == "fwd" else 1 + BWD_FLOP_FACTOR)
     RESULTS.append({
-        "model": model, "heads": heads, "density_target": density, "window": "x".join(map(str, window)) if density != "dense" else "-",
+        "model": model, "heads": heads, "kv_heads": heads_kv, "density_target": density, "window": "x".join(map(str, window)) if density != "dense" else "-",
         "density": round(pairs / SEQ**2, 4), "provider": provider, "mode": mode, "ms": ms,
         "tflops": flops / ms / 1e9,
     })
@@ -292,7 +304,7 @@ def _plot(rows: List[Dict[str, object]]):
 
 def _write(rows: List[Dict[str, object]]) -> None:
     _derive(rows)
-    columns = ["model", "heads", "density_target", "window", "density", "provider", "mode", "ms", "tflops",
+    columns = ["model", "heads", "kv_heads", "density_target", "window", "density", "provider", "mode", "ms", "tflops",
                "speedup_vs_dense", "ideal_speedup", "fraction_of_ideal", "bwd_ms", "bwd_tflops"]
     notes = [
         f"shape: B={BATCH}, grid={GRID} (L={SEQ}), D={HEAD_DIM}, {DTYPE}; tile={TILE} for ours and the mask rule",
@@ -304,5 +316,7 @@ def _write(rows: List[Dict[str, object]]) -> None:
         f"flex: torch.compile(flex_attention), block mask from the same rule, raster order, {FLEX_BLOCK}x{FLEX_BLOCK} blocks",
         "ours@...: launch-configuration sweep (SWEEP in the benchmark file): kernel, rows per query x key block, "
         "warps, pipeline stages overriding the defaults of fastvmt_kernels/local_attention/kernels.py",
+        f"ours-gqa: grouped-query attention, k and v with heads / {GQA_GROUP} heads (kv_heads); FLOPs counted per "
+        "query head as for ours",
     ]
     write_table("local_attention", "Local attention vs dense SDPA and FlexAttention", rows, columns, notes, _plot(rows))
