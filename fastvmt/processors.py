@@ -8,9 +8,9 @@
   parallelism machinery.
 - :func:`apply_local_attention` installs it on a live transformer; ``phases`` chooses guidance passes, denoising
   passes or both (the pipeline marks passes with :func:`attention_phase`). It patches the Wan family (Wan2.1 / 2.2,
-  Wan-VACE with its control blocks, ChronoEdit, SkyReels-V2); given a CogVideoX, HunyuanVideo or LTX-Video one it
-  installs that family's processor instead (:mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`,
-  :mod:`fastvmt.ltx_video`: each gives its ``PROCESSOR``, ``processor_keys`` and ``read_grid``; the settings
+  Wan-VACE with its control blocks, ChronoEdit, SkyReels-V2); given a CogVideoX, HunyuanVideo (1.0 or 1.5) or
+  LTX-Video one it installs that family's processor instead (:mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`,
+  :mod:`fastvmt.hunyuan_video15`, :mod:`fastvmt.ltx_video`: each gives its ``PROCESSOR``, ``processor_keys`` and ``read_grid``; the settings
   (:class:`LocalWindowSettings`) and the installation (:func:`install_local_processor`) are shared).
 """
 from __future__ import annotations
@@ -50,6 +50,7 @@ WAN_FAMILY = {
 OTHER_FAMILIES = {
     "CogVideoXTransformer3DModel": "fastvmt.cogvideox",
     "HunyuanVideoTransformer3DModel": "fastvmt.hunyuan_video",
+    "HunyuanVideo15Transformer3DModel": "fastvmt.hunyuan_video15",
     "LTXVideoTransformer3DModel": "fastvmt.ltx_video",
 }
 
@@ -346,10 +347,11 @@ def apply_local_attention(
         transformer: a diffusers ``WanTransformer3DModel`` (Wan2.1 / 2.2), ``WanVACETransformer3DModel`` (its
             control blocks are patched with the main block each feeds), ``ChronoEditTransformer3DModel`` or
             ``SkyReelsV2Transformer3DModel`` (cross-attention untouched; masked calls stay dense), or a
-            ``CogVideoXTransformer3DModel`` /
-            ``HunyuanVideoTransformer3DModel`` (their joint text + video attention then runs
-            :func:`fastvmt_kernels.joint_local_attention`; see :mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`),
-            or an ``LTXVideoTransformer3DModel`` (self-attention, :mod:`fastvmt.ltx_video`). Others raise ValueError.
+            ``CogVideoXTransformer3DModel`` / ``HunyuanVideoTransformer3DModel`` /
+            ``HunyuanVideo15Transformer3DModel`` (their joint text + video attention then runs
+            :func:`fastvmt_kernels.joint_local_attention`; see :mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`,
+            :mod:`fastvmt.hunyuan_video15`), or an ``LTXVideoTransformer3DModel`` (self-attention,
+            :mod:`fastvmt.ltx_video`). Others raise ValueError.
         tile: (tt, th, tw) tokens per tile; window: (wt, wh, ww) in tiles.
         blocks: block indices to patch, None for every block.
         phases: "both", "guidance" (only the motion-guidance passes) or "denoise" (only the denoising passes).
