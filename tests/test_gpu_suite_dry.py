@@ -30,7 +30,7 @@ def test_gpu_suite_dry_run_writes_results(tmp_path):
         assert f"=== stage {stage}: rc=0" in log, log[-4000:]
     assert "local_attention_fwd" in (tmp_path / "inspect.txt").read_text()
     table = (tmp_path / "local_attention.md").read_text()
-    assert "| tiny | 2 | 25% | 1x1x1 | 0.25 | ours | fwd |" in table
+    assert "| tiny | 2 | 2 | 25% | 1x1x1 | 0.25 | ours | fwd |" in table  # model, heads, kv_heads, ...
     assert "dry run" in table
     assert (tmp_path / "results.tar.gz").stat().st_size > 0
     import tarfile
