@@ -42,6 +42,38 @@ def _text_key_mask(attention_mask: Optional[torch.Tensor], batch: int, total: in
     return attention_mask[:, 0, 0, total - text_len :]
 
 
+def text_qkv(attn, encoder_hidden_states: torch.Tensor):
+    """[q, k, v], each (B, N_text, H, D): the text tokens through a dual-stream block's added projections and norms."""
+    text = [proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
+    if attn.norm_added_q is not None:
+        text[0] = attn.norm_added_q(text[0])
+    if attn.norm_added_k is not None:
+        text[1] = attn.norm_added_k(text[1])
+    return text
+
+
+def attend_with_text_suffix(processor: LocalWindowSettings, attn, query, key, value, text_len: int, key_mask,
+                            rotary_emb) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(video, text) hidden states of a [video, text] joint attention: q, k, v (B, L + text_len, H, D) through
+    :func:`fastvmt_kernels.joint_local_attention` with the text as suffix global tokens (``key_mask`` (B, text_len)
+    bool or None), then the block's output projections. ``processor`` gives the tile, window, backend and the token
+    grid of the pass (identified by ``rotary_emb``)."""
+    from fastvmt_kernels import joint_local_attention
+
+    out = joint_local_attention(
+        query, key, value, processor.token_grid(rotary_key(rotary_emb)), processor.tile, processor.window,
+        num_global=text_len, global_position="suffix", global_key_mask=key_mask, backend=processor.backend,
+    )
+    out = out.flatten(2, 3).to(query.dtype)
+    hidden_states, encoder_hidden_states = out[:, :-text_len], out[:, -text_len:]
+    if getattr(attn, "to_out", None) is not None:
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    if getattr(attn, "to_add_out", None) is not None:
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+    return hidden_states, encoder_hidden_states
+
+
 class HunyuanVideoLocalAttnProcessor(LocalWindowSettings, HunyuanVideoAttnProcessor2_0):
     """HunyuanVideo joint attention with local video self-attention (arguments as :class:`LocalWindowSettings`).
 
@@ -51,8 +83,6 @@ class HunyuanVideoLocalAttnProcessor(LocalWindowSettings, HunyuanVideoAttnProces
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is None or not self.active():
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        from fastvmt_kernels import joint_local_attention
-
         text_len = encoder_hidden_states.shape[1]
         single_stream = attn.add_q_proj is None  # text goes through the same projections as the video
         joint = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single_stream else hidden_states
@@ -71,25 +101,10 @@ class HunyuanVideoLocalAttnProcessor(LocalWindowSettings, HunyuanVideoAttnProces
             else:
                 query, key = rope(query), rope(key)
         if not single_stream:
-            text = [proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-                    for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
-            if attn.norm_added_q is not None:
-                text[0] = attn.norm_added_q(text[0])
-            if attn.norm_added_k is not None:
-                text[1] = attn.norm_added_k(text[1])
+            text = text_qkv(attn, encoder_hidden_states)
             query, key, value = (torch.cat([x, t], dim=1) for x, t in zip((query, key, value), text))
         key_mask = _text_key_mask(attention_mask, query.shape[0], query.shape[1], text_len)
-        out = joint_local_attention(
-            query, key, value, self.token_grid(rotary_key(image_rotary_emb)), self.tile, self.window, num_global=text_len,
-            global_position="suffix", global_key_mask=key_mask, backend=self.backend,
-        )
-        out = out.flatten(2, 3).to(query.dtype)
-        hidden_states, encoder_hidden_states = out[:, :-text_len], out[:, -text_len:]
-        if getattr(attn, "to_out", None) is not None:
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if getattr(attn, "to_add_out", None) is not None:
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        return hidden_states, encoder_hidden_states
+        return attend_with_text_suffix(self, attn, query, key, value, text_len, key_mask, image_rotary_emb)
 
 
 read_grid = grid_from_input_shape(token_grid)

@@ -13,22 +13,16 @@ not depend on it (a full window reproduces the stock transformer's output; a tes
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 
-from .processors import LocalWindowSettings, grid_from_input_shape, rotary_key, select_blocks
+from .hunyuan_video import attend_with_text_suffix, text_qkv, token_grid
+from .processors import LocalWindowSettings, grid_from_input_shape, select_blocks
 
 BLOCK_LIST = "transformer_blocks"
-
-
-def token_grid(transformer, hidden_states_shape: Sequence[int]) -> Tuple[int, int, int]:
-    """(T, Hg, Wg) video tokens of a HunyuanVideo 1.5 input (B, C, F, H, W) under its patch sizes."""
-    _, _, frames, height, width = hidden_states_shape
-    patch, patch_t = transformer.config.patch_size, transformer.config.patch_size_t
-    return (frames // patch_t, height // patch, width // patch)
 
 
 def _text_key_mask(attention_mask: Optional[torch.Tensor], batch: int, text_len: int) -> Optional[torch.Tensor]:
@@ -53,8 +47,6 @@ class HunyuanVideo15LocalAttnProcessor(LocalWindowSettings, HunyuanVideo15AttnPr
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is None or not self.active():
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        from fastvmt_kernels import joint_local_attention
-
         text_len = encoder_hidden_states.shape[1]
         query, key, value = (
             proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)
@@ -62,25 +54,10 @@ class HunyuanVideo15LocalAttnProcessor(LocalWindowSettings, HunyuanVideo15AttnPr
         query, key = attn.norm_q(query), attn.norm_k(key)
         if image_rotary_emb is not None:  # RoPE on the video tokens only
             query, key = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in (query, key))
-        text = [proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
-        if attn.norm_added_q is not None:
-            text[0] = attn.norm_added_q(text[0])
-        if attn.norm_added_k is not None:
-            text[1] = attn.norm_added_k(text[1])
+        text = text_qkv(attn, encoder_hidden_states)
         query, key, value = (torch.cat([x, t], dim=1) for x, t in zip((query, key, value), text))
-        out = joint_local_attention(
-            query, key, value, self.token_grid(rotary_key(image_rotary_emb)), self.tile, self.window,
-            num_global=text_len, global_position="suffix",
-            global_key_mask=_text_key_mask(attention_mask, query.shape[0], text_len), backend=self.backend,
-        )
-        out = out.flatten(2, 3).to(query.dtype)
-        hidden_states, encoder_hidden_states = out[:, :-text_len], out[:, -text_len:]
-        if getattr(attn, "to_out", None) is not None:
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if getattr(attn, "to_add_out", None) is not None:
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        return hidden_states, encoder_hidden_states
+        key_mask = _text_key_mask(attention_mask, query.shape[0], text_len)
+        return attend_with_text_suffix(self, attn, query, key, value, text_len, key_mask, image_rotary_emb)
 
 
 read_grid = grid_from_input_shape(token_grid)

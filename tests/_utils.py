@@ -34,3 +34,42 @@ def assert_covering_window_is_stock(model, run, kwargs, tile, covering_window=(9
     assert_rel_close(run(model, kwargs), stock_out, 1e-5, "covering window vs stock")
     model.set_attn_processor(previous)
     assert torch.equal(run(model, kwargs), stock_out)
+
+
+def run_no_grad(model, kwargs):
+    """``model(**kwargs)``'s output tensor, without autograd."""
+    with torch.no_grad():
+        return model(**kwargs, return_dict=False)[0]
+
+
+def stock_copy(model):
+    """A new ``type(model)`` from ``model``'s config with its weights: the stock attention processors, eval mode."""
+    stock = type(model).from_config(model.config).eval()
+    stock.load_state_dict(model.state_dict())
+    return stock
+
+
+def local_rule_reference(model, kwargs, module, grid, tile, window, num_text, monkeypatch):
+    """``model``'s output with the joint local rule added to the bool mask of each [video, text] attention call made
+    through ``module.dispatch_attention_fn`` (video queries x video keys: the local window of ``grid``, ``tile``,
+    ``window``; the mask given, (B, 1, 1, N) or (B, 1, N, N), elsewhere). Calls of another length (a text-only
+    refiner) run unchanged."""
+    import torch.nn.functional as F
+
+    from fastvmt_kernels import local_attention_mask
+
+    local = local_attention_mask(grid, tile, window)
+    num_video = local.shape[0]
+    dispatch = module.dispatch_attention_fn
+
+    def masked_dispatch(query, key, value, attn_mask=None, **kw):
+        if query.shape[1] != num_video + num_text:
+            return dispatch(query, key, value, attn_mask=attn_mask, **kw)
+        mask = attn_mask.expand(-1, 1, query.shape[1], -1).clone()
+        mask[:, :, :num_video, :num_video] &= local
+        out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value)), attn_mask=mask)
+        return out.transpose(1, 2)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "dispatch_attention_fn", masked_dispatch)
+        return run_no_grad(model, kwargs)

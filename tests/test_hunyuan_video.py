@@ -2,7 +2,6 @@
 joint attention with padded text."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
 from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
@@ -10,9 +9,10 @@ from diffusers.models.transformers import transformer_hunyuan_video as hunyuan  
 
 from fastvmt import apply_local_attention  # noqa: E402
 from fastvmt.hunyuan_video import HunyuanVideoLocalAttnProcessor  # noqa: E402
-from fastvmt_kernels import local_attention_mask  # noqa: E402
 
-from _utils import assert_covering_window_is_stock, assert_rel_close  # noqa: E402
+from _utils import (  # noqa: E402
+    assert_covering_window_is_stock, assert_rel_close, local_rule_reference, run_no_grad, stock_copy,
+)
 
 TEXT_TOKENS, TEXT_DIM, PATCH = 6, 16, 2
 VALID_TEXT = (6, 4)  # batch 1 has two padded text tokens
@@ -38,36 +38,6 @@ def inputs(frames, height, width):
     )
 
 
-def run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs, return_dict=False)[0]
-
-
-def masked_reference(model, kwargs, grid, tile, window, monkeypatch):
-    """The stock processor with the joint local rule added to its mask (video queries x video keys: local window)."""
-    local = local_attention_mask(grid, tile, window)
-    num_video = local.shape[0]
-    dispatch = hunyuan.dispatch_attention_fn
-
-    def masked_dispatch(query, key, value, attn_mask=None, **kw):
-        if query.shape[1] != num_video + TEXT_TOKENS:  # the text-only token refiner
-            return dispatch(query, key, value, attn_mask=attn_mask, **kw)
-        mask = attn_mask.expand(-1, 1, query.shape[1], -1).clone()  # (B, 1, N, N) from the (B, 1, 1, N) key mask
-        mask[:, :, :num_video, :num_video] &= local
-        out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value)), attn_mask=mask)
-        return out.transpose(1, 2)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(hunyuan, "dispatch_attention_fn", masked_dispatch)
-        return run(model, kwargs)
-
-
-def stock_copy(model):
-    stock = HunyuanVideoTransformer3DModel.from_config(model.config).eval()
-    stock.load_state_dict(model.state_dict())
-    return stock
-
-
 def test_local_window_matches_masked_dense_attention_with_padded_text(monkeypatch):
     model = tiny_hunyuan()
     tile, window = (1, 2, 2), (1, 1, 1)
@@ -77,15 +47,15 @@ def test_local_window_matches_masked_dense_attention_with_padded_text(monkeypatc
     for frames, height, width in ((3, 8, 8), (2, 8, 12)):  # the grid is read from each call's input
         kwargs = inputs(frames, height, width)
         grid = (frames, height // PATCH, width // PATCH)
-        out = run(model, kwargs)
-        expected = masked_reference(stock_copy(model), kwargs, grid, tile, window, monkeypatch)
+        out = run_no_grad(model, kwargs)
+        expected = local_rule_reference(stock_copy(model), kwargs, hunyuan, grid, tile, window, TEXT_TOKENS, monkeypatch)
         assert_rel_close(out, expected, 1e-5, f"grid {grid}")
-        assert (out - run(stock_copy(model), kwargs)).abs().max() > 1e-3, "the window should change the output"
+        assert (out - run_no_grad(stock_copy(model), kwargs)).abs().max() > 1e-3, "the window should change the output"
 
 
 def test_full_window_equals_stock_and_blocks_index_dual_then_single():
     model = tiny_hunyuan()
-    assert_covering_window_is_stock(model, run, inputs(3, 8, 8), tile=(1, 2, 2))
+    assert_covering_window_is_stock(model, run_no_grad, inputs(3, 8, 8), tile=(1, 2, 2))
     apply_local_attention(model, tile=(1, 2, 2), window=(1, 1, 1), blocks=[1])
     kinds = {key: type(p).__name__ for key, p in model.attn_processors.items()}
     assert kinds["single_transformer_blocks.0.attn.processor"] == "HunyuanVideoLocalAttnProcessor"

@@ -2,7 +2,6 @@
 attention over [video, text] with padded text (Qwen and byT5 tokens, and image tokens for image-to-video)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
 from diffusers import HunyuanVideo15Transformer3DModel  # noqa: E402
@@ -10,9 +9,10 @@ from diffusers.models.transformers import transformer_hunyuan_video15 as hunyuan
 
 from fastvmt import apply_local_attention  # noqa: E402
 from fastvmt.hunyuan_video15 import HunyuanVideo15LocalAttnProcessor  # noqa: E402
-from fastvmt_kernels import local_attention_mask  # noqa: E402
 
-from _utils import assert_covering_window_is_stock, assert_rel_close  # noqa: E402
+from _utils import (  # noqa: E402
+    assert_covering_window_is_stock, assert_rel_close, local_rule_reference, run_no_grad, stock_copy,
+)
 
 TEXT_TOKENS, BYT5_TOKENS, IMAGE_TOKENS = 5, 3, 2
 TEXT_DIM, BYT5_DIM, IMAGE_DIM, PATCH = 16, 8, 8, 2
@@ -45,36 +45,6 @@ def inputs(frames, height, width, image_to_video=False):
     )
 
 
-def run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs, return_dict=False)[0]
-
-
-def masked_reference(model, kwargs, grid, tile, window, monkeypatch):
-    """The stock processor with the joint local rule added to its mask (video queries x video keys: local window)."""
-    local = local_attention_mask(grid, tile, window)
-    num_video = local.shape[0]
-    dispatch = hunyuan15.dispatch_attention_fn
-
-    def masked_dispatch(query, key, value, attn_mask=None, **kw):
-        if query.shape[1] != num_video + JOINT_TEXT:  # the text-only token refiner
-            return dispatch(query, key, value, attn_mask=attn_mask, **kw)
-        mask = attn_mask.clone()  # (B, 1, N, N): valid query x valid key
-        mask[:, :, :num_video, :num_video] &= local
-        out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value)), attn_mask=mask)
-        return out.transpose(1, 2)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(hunyuan15, "dispatch_attention_fn", masked_dispatch)
-        return run(model, kwargs)
-
-
-def stock_copy(model):
-    stock = HunyuanVideo15Transformer3DModel.from_config(model.config).eval()
-    stock.load_state_dict(model.state_dict())
-    return stock
-
-
 @pytest.mark.parametrize("image_to_video", [False, True])
 def test_local_window_matches_masked_dense_attention_with_padded_text(image_to_video, monkeypatch):
     model = tiny_hunyuan15()
@@ -87,15 +57,15 @@ def test_local_window_matches_masked_dense_attention_with_padded_text(image_to_v
     for frames, height, width in ((3, 8, 8), (2, 8, 12)):  # the grid is read from each call's input
         kwargs = inputs(frames, height, width, image_to_video)
         grid = (frames, height // PATCH, width // PATCH)
-        out = run(model, kwargs)
-        expected = masked_reference(stock_copy(model), kwargs, grid, tile, window, monkeypatch)
+        out = run_no_grad(model, kwargs)
+        expected = local_rule_reference(stock_copy(model), kwargs, hunyuan15, grid, tile, window, JOINT_TEXT, monkeypatch)
         assert_rel_close(out, expected, 1e-5, f"grid {grid}")
-        assert (out - run(stock_copy(model), kwargs)).abs().max() > 1e-3, "the window should change the output"
+        assert (out - run_no_grad(stock_copy(model), kwargs)).abs().max() > 1e-3, "the window should change the output"
 
 
 def test_full_window_equals_stock_and_blocks_select_the_dual_stream_blocks():
     model = tiny_hunyuan15()
-    assert_covering_window_is_stock(model, run, inputs(3, 8, 8, image_to_video=True), tile=(1, 2, 2))
+    assert_covering_window_is_stock(model, run_no_grad, inputs(3, 8, 8, image_to_video=True), tile=(1, 2, 2))
     apply_local_attention(model, tile=(1, 2, 2), window=(1, 1, 1), blocks=[1])
     kinds = {key: type(p).__name__ for key, p in model.attn_processors.items()}
     assert kinds["transformer_blocks.1.attn.processor"] == "HunyuanVideo15LocalAttnProcessor"
