@@ -1,7 +1,8 @@
-"""Numerical comparison helpers for kernel tests (norm-based relative error plus NaN guards)."""
+"""Test helpers: numerical comparison (norm-based relative error plus NaN guards) and the processor tests' model runs."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Relative RMS error allowed per dtype when a kernel is compared with an fp32 reference.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -54,8 +55,6 @@ def local_rule_reference(model, kwargs, module, grid, tile, window, num_text, mo
     through ``module.dispatch_attention_fn`` (video queries x video keys: the local window of ``grid``, ``tile``,
     ``window``; the mask given, (B, 1, 1, N) or (B, 1, N, N), elsewhere). Calls of another length (a text-only
     refiner) run unchanged."""
-    import torch.nn.functional as F
-
     from fastvmt_kernels import local_attention_mask
 
     local = local_attention_mask(grid, tile, window)

@@ -33,8 +33,10 @@ def _video_to_global(q_video, k_glob, v_glob, key_mask, scale):
     q_video: (B, L, H, D); k_glob, v_glob: (B, G, H_kv, D), H a multiple of H_kv; key_mask: (B, G) bool or None.
     Returns out (B, L, H, D) fp32 and its natural-log log-sum-exp (B, H, L) fp32, both differentiable.
     """
+    k_f, v_f = k_glob.float(), v_glob.float()
     group = q_video.shape[2] // k_glob.shape[2]
-    k_f, v_f = (t.float().repeat_interleave(group, dim=2) for t in (k_glob, v_glob))  # G keys only: small
+    if group > 1:  # grouped-query heads: repeat the few global keys / values per query head
+        k_f, v_f = (t.repeat_interleave(group, dim=2) for t in (k_f, v_f))
     outs, lses = [], []
     with torch.autocast(q_video.device.type, enabled=False):  # fp32 also in an autocast region
         for start in range(0, q_video.shape[1], GLOBAL_QUERY_CHUNK):
