@@ -98,6 +98,73 @@ def test_grouped_query_heads_match_dense_over_shared_heads(position, backend, de
         assert_rel_close(g, e, 2 * REL_TOL[torch.float32], gname)
 
 
+GLOBAL_KERNEL_CASES = {
+    # name: (dtype, B, H, H_kv, D, grid, tile, window, num_global, position)
+    # 30 video queries in 10 chunks of 3 global tokens; batch 2 copies the global keys per chunk; grouped heads
+    "many-chunks-gqa-fp32": (torch.float32, 2, 4, 2, 16, (2, 3, 5), (1, 2, 2), (1, 1, 2), 3, "prefix"),
+    # 130 global tokens (one full 128-token tile and a ragged one) for 20 video queries: one padded chunk
+    "wide-global-bf16": (torch.bfloat16, 1, 2, 2, 32, (1, 4, 5), (1, 2, 2), (1, 1, 1), 130, "suffix"),
+    # a reference frame as the global prefix (Wan-Animate): 12 global tokens for 3 frames of 4 x 3 video tokens
+    "reference-frame-fp16": (torch.float16, 1, 2, 1, 16, (3, 4, 3), (1, 2, 3), (2, 1, 1), 12, "prefix"),
+}
+
+
+@pytest.mark.parametrize("name", list(GLOBAL_KERNEL_CASES))
+def test_unmasked_global_keys_run_on_the_kernels(name, device, monkeypatch):
+    """With the Triton backend and no key mask the video queries' global part runs through the local-attention
+    kernels (the fp32 block is not called): forward and gradients equal a dense fp64 softmax over the union."""
+    from fastvmt_kernels.local_attention import joint
+
+    def no_fp32_block(*args):
+        raise AssertionError("the fp32 video-to-global block ran")
+
+    monkeypatch.setattr(joint, "_video_to_global", no_fp32_block)
+    dtype, b, h, h_kv, d, grid, tile, window, num_global, position = GLOBAL_KERNEL_CASES[name]
+    total = num_global + grid[0] * grid[1] * grid[2]
+    q = torch.randn(b, total, h, d, device=device).to(dtype).requires_grad_()
+    k, v = (torch.randn(b, total, h_kv, d, device=device).to(dtype).requires_grad_() for _ in range(2))
+    out = joint_local_attention(q, k, v, grid, tile, window, num_global=num_global, global_position=position,
+                                backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    shared = [t.repeat_interleave(h // h_kv, dim=2) for t in (k, v)]
+    mask = joint_mask(grid, tile, window, num_global, position == "prefix", torch.ones(b, num_global, dtype=torch.bool))
+    expected = dense_masked(q, *shared, mask, d**-0.5)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), dout.double())
+    tol = REL_TOL[dtype]
+    assert out.dtype == dtype
+    assert_rel_close(out, expected, tol, "out")
+    for gname, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert_rel_close(g, e, 2 * tol, gname)
+
+
+def test_masked_global_keys_and_the_torch_backend_take_the_fp32_block(device, monkeypatch):
+    """The kernels' global path has no key mask: a mask (or the torch backend) keeps the dense fp32 block."""
+    from fastvmt_kernels.local_attention import joint
+
+    def no_kernels(*args):
+        raise AssertionError("the kernels' video-to-global path ran")
+
+    monkeypatch.setattr(joint, "_video_to_global_kernels", no_kernels)
+    grid, tile, window, num_global = (2, 3, 5), (1, 2, 2), (1, 1, 2), 4
+    q, k, v = (torch.randn(1, num_global + 30, 2, 16, device=device) for _ in range(3))
+    key_mask = torch.tensor([[True, False, True, True]], device=device)
+    joint_local_attention(q, k, v, grid, tile, window, num_global=num_global, global_key_mask=key_mask,
+                          backend="triton")
+    joint_local_attention(q, k, v, grid, tile, window, num_global=num_global, backend="torch")
+
+
+def test_global_kernel_path_beyond_the_launch_grid_takes_the_fp32_block(monkeypatch):
+    """More (chunk, head) program rows than CUDA's grid allows: the dense fp32 block serves the global part."""
+    from fastvmt_kernels.local_attention import joint
+
+    monkeypatch.setattr(joint, "MAX_GRID_Y", 19)  # 10 chunks x 2 heads = 20 rows
+    q = torch.randn(1, 30, 2, 16)
+    assert not joint._kernels_take_global_block(q, 3)
+    assert joint._kernels_take_global_block(q[:, :27], 3)  # 9 chunks
+
+
 def test_chunked_video_to_global_block_matches_one_chunk(device, monkeypatch):
     from fastvmt_kernels.local_attention import joint
 
@@ -186,6 +253,27 @@ def test_traces_under_torch_compile_fullgraph(device):
             q, k, v, grid, tile, window, num_global=num_global, global_position="suffix", global_key_mask=key_mask,
             backend="triton",
         )
+        return (out * out).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref = attend(q, k, v)
+    ref_grads = torch.autograd.grad(ref, (q, k, v))
+    assert_rel_close(loss, ref, 1e-6, "loss")
+    for name, g, e in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_rel_close(g, e, 1e-5, name)
+
+
+def test_kernel_global_path_traces_under_torch_compile_fullgraph(device):
+    """The kernels' video-to-global path (padding, chunk views, expanded global keys) traces without a graph break
+    and gives the eager result."""
+    grid, tile, window, num_global = (1, 4, 4), (1, 4, 4), (1, 1, 1), 5  # 16 video queries: 4 chunks, 4 padded
+    q, k, v = (torch.randn(2, num_global + 16, 1, 16, device=device).requires_grad_() for _ in range(3))
+
+    def attend(q, k, v):
+        out = joint_local_attention(q, k, v, grid, tile, window, num_global=num_global, backend="triton")
         return (out * out).sum()
 
     torch._dynamo.reset()

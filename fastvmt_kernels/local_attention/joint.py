@@ -6,6 +6,12 @@ block-sparse: each video query attends its local window of video keys (the rule 
 every global key; each global query attends the whole sequence densely. The two parts of a video query's softmax
 are merged exactly through their log-sum-exps (the local kernel's LSE is differentiable), so the result equals
 one softmax over the union of keys.
+
+The video queries' global part runs on the Triton kernels too when the local part does and no global key is masked
+(:func:`_video_to_global_kernels`): the video queries, cut into chunks of ``num_global`` tokens, attend the global
+keys through :func:`local_attention` with a window covering them. That keeps thousands of global tokens (a reference
+frame of Wan-Animate's, 1,560 tokens at 480p) on the tensor cores with no logits block in memory. Masked global keys
+(text padding) take a dense fp32 block instead (:func:`_video_to_global`), which suits hundreds of them.
 """
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ import torch.nn.functional as F
 
 from .._checks import check_tensors
 from ..layout import TileLayout
-from .interface import check_head_groups, local_attention
+from .._checks import resolve_backend
+from ..index_math import SMALL_DIVMOD_MAX_D
+from .interface import MAX_GRID_Y, check_head_groups, local_attention
 
 GLOBAL_POSITIONS = ("prefix", "suffix")
 # Logit given to masked global keys: finite, so a row whose global keys are all masked gets the merge weight
@@ -25,6 +33,8 @@ _MASKED_LOGIT = -1e30
 # Video queries per chunk of the dense video-to-global block: its fp32 logits take H * chunk * num_global * 4 bytes
 # (24 heads x 8192 x 256 text tokens: 201 MB, instead of 2.9 GB for HunyuanVideo's 118,800 video tokens at 720p).
 GLOBAL_QUERY_CHUNK = 8192
+# Tokens per tile of the global keys' 1-D layout on the Triton path (the forward kernel's 128-row query blocks).
+GLOBAL_KERNEL_TILE = 128
 
 
 def _video_to_global(q_video, k_glob, v_glob, key_mask, scale):
@@ -48,6 +58,49 @@ def _video_to_global(q_video, k_glob, v_glob, key_mask, scale):
             outs.append(torch.einsum("bhlg,bghd->blhd", (logits - lse[..., None]).exp(), v_f))
             lses.append(lse)
     return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+
+
+def _global_chunks(num_video: int, num_global: int) -> int:
+    """Chunks of ``num_global`` video queries that hold ``num_video`` of them (the last one padded)."""
+    return -(-num_video // num_global)
+
+
+def _kernels_take_global_block(q_video: torch.Tensor, num_global: int) -> bool:
+    """Whether :func:`_video_to_global_kernels` can launch for these video queries (B, L, H, D): one program row per
+    (chunk, head) within CUDA's grid limit, and the global keys' tiles within the kernels' index arithmetic."""
+    batch, num_video, heads, _ = q_video.shape
+    chunks = _global_chunks(num_video, num_global)
+    return (batch * chunks * heads <= MAX_GRID_Y
+            and -(-num_global // min(GLOBAL_KERNEL_TILE, num_global)) <= SMALL_DIVMOD_MAX_D)
+
+
+def _video_to_global_kernels(q_video, k_glob, v_glob, scale, backend):
+    """Softmax attention of the video queries over all global keys, on the Triton kernels (no key mask).
+
+    The L video queries are padded to C = ceil(L / G) chunks of G = num_global queries, chunk c of batch b becoming
+    batch entry b * C + c (a view of q); each attends the G global keys (a stride-0 view for B = 1, a copy per chunk
+    otherwise) through :func:`local_attention` on a (1, 1, G) grid whose window covers every tile: dense attention
+    with the kernels' fp32 log-sum-exp, differentiable through both (autograd sums the chunks' dk, dv).
+
+    q_video: (B, L, H, D); k_glob, v_glob: (B, G, H_kv, D). Returns out (B, L, H, D) in q's dtype and its natural-log
+    log-sum-exp (B, H, L) fp32.
+    """
+    batch, num_video, heads, head_dim = q_video.shape
+    num_global = k_glob.shape[1]
+    chunks = _global_chunks(num_video, num_global)
+    padded = chunks * num_global
+    q = F.pad(q_video, (0, 0, 0, 0, 0, padded - num_video)) if padded != num_video else q_video
+    q = q.reshape(batch * chunks, num_global, heads, head_dim)
+    k, v = (t.unsqueeze(1).expand(batch, chunks, *t.shape[1:]).reshape(batch * chunks, *t.shape[1:])
+            for t in (k_glob, v_glob))
+    tile = min(GLOBAL_KERNEL_TILE, num_global)
+    out, lse = local_attention(
+        q, k, v, (1, 1, num_global), (1, 1, tile), (1, 1, -(-num_global // tile)), scale=scale, backend=backend,
+        return_lse=True,
+    )
+    out = out.reshape(batch, padded, heads, head_dim)[:, :num_video]
+    lse = lse.reshape(batch, chunks, heads, num_global).transpose(1, 2).reshape(batch, heads, padded)
+    return out, lse[..., :num_video]
 
 
 def joint_local_attention(
@@ -84,9 +137,10 @@ def joint_local_attention(
         out: (B, N, H, D) in q's dtype, in the input's token order. Differentiable w.r.t. q, k, v.
 
     A video query attends the video keys of its window plus every unmasked global key; a global query attends every
-    unmasked global key and all video keys. The video queries' global-key logits form a dense fp32 block, computed
-    GLOBAL_QUERY_CHUNK queries at a time (num_global is small: hundreds of text tokens), merged with the local part
-    by log-sum-exp.
+    unmasked global key and all video keys. The video queries' global part is merged with the local part by
+    log-sum-exp. It runs on the Triton kernels when the local part does and no key mask is given (any num_global;
+    see :func:`_video_to_global_kernels`), else as a dense fp32 block, GLOBAL_QUERY_CHUNK queries at a time
+    (meant for hundreds of global tokens, e.g. padded text).
     """
     check_tensors(("q", "k", "v"), (q, k, v), 4, "(B, N, H, D)")
     check_head_groups(q, k, v, "(B, N, H, D)", "(B, N, H_kv, D)")
@@ -125,12 +179,17 @@ def joint_local_attention(
     glob = slice(0, num_global) if prefix else slice(num_video, total)
     k_glob, v_glob = k[:, glob], v[:, glob]
 
-    # Video queries x global keys: a dense fp32 block (in chunks of queries), merged with the local part by LSE.
-    out_glob, lse_glob = _video_to_global(q_video, k_glob, v_glob, global_key_mask, scale)
+    # Video queries x global keys (on the kernels, or a dense fp32 block in chunks of queries), merged with the local
+    # part by LSE.
+    if (global_key_mask is None and resolve_backend(backend, q.device) == "triton"
+            and _kernels_take_global_block(q_video, num_global)):
+        out_glob, lse_glob = _video_to_global_kernels(q_video, k_glob, v_glob, scale, backend)
+    else:
+        out_glob, lse_glob = _video_to_global(q_video, k_glob, v_glob, global_key_mask, scale)
     lse = torch.logaddexp(lse_local, lse_glob)
     weight_local = (lse_local - lse).exp().transpose(1, 2)[..., None]  # (B, L, H, 1)
     weight_glob = (lse_glob - lse).exp().transpose(1, 2)[..., None]
-    out_video = (out_video.float() * weight_local + out_glob * weight_glob).to(q.dtype)
+    out_video = (out_video.float() * weight_local + out_glob.float() * weight_glob).to(q.dtype)
 
     # Global queries: dense over the whole sequence (masked global keys excluded).
     attn_mask = None
