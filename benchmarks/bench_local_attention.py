@@ -73,6 +73,10 @@ FLEX_DENSITIES = None if DRY else ("10%",)
 # specialisations compile; a stage timeout loses only these rows) at one density, against "ours" there.
 GQA_GROUP = 2 if DRY else 4
 GQA_MODEL, GQA_DENSITY = next(iter(MODELS)), "25%"
+# Wan-Animate's self-attention (provider "ours-animate", timed after the GQA rows): the grid's first frame is the
+# reference image, global to every token (fastvmt.wan_animate), the window applies to the other frames' grid; timed
+# on the 14B's heads (Wan2.2-Animate-14B) against dense attention over the same L tokens.
+ANIMATE_MODEL, ANIMATE_DENSITY = list(MODELS)[-1], "25%"
 
 RESULTS: List[Dict[str, object]] = []
 
@@ -113,10 +117,31 @@ def flex_mask_mod(layout: TileLayout):
     return mask_mod
 
 
+def animate_layout(layout: TileLayout) -> TileLayout:
+    """The generated frames' layout of ``layout``'s grid when its first frame is Wan-Animate's reference frame."""
+    return TileLayout.create((layout.grid[0] - 1, *layout.grid[1:]), layout.tile, layout.window)
+
+
+def animate_pairs(layout: TileLayout) -> float:
+    """Query-key pairs kept by the Wan-Animate rule on ``layout``'s grid: the reference frame's G tokens attend all L
+    tokens and are attended by all; the generated tokens attend their local window among themselves."""
+    generated = animate_layout(layout)
+    reference = layout.grid[1] * layout.grid[2]
+    return reference * SEQ + generated.num_tokens * reference + generated.density() * generated.num_tokens**2
+
+
 def make_attention(provider: str, layout: TileLayout) -> Callable:
     """Attention callable on (B, L, H, D) tensors for ``provider`` (k, v with fewer heads for "ours-gqa")."""
     if provider in ("ours", "ours-gqa"):
         return lambda q, k, v: local_attention(q, k, v, layout.grid, layout.tile, layout.window, backend="triton")
+    if provider == "ours-animate":
+        from fastvmt_kernels import joint_local_attention
+
+        generated, reference = animate_layout(layout), layout.grid[1] * layout.grid[2]
+        return lambda q, k, v: joint_local_attention(
+            q, k, v, generated.grid, generated.tile, generated.window, num_global=reference,
+            global_position="prefix", backend="triton",
+        )
     if provider == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -170,6 +195,26 @@ def check_first_head_against_reference(attend, q, k, v, layout):
             assert rel < GPU_CHECK_REL_TOL, f"ours disagrees with the reference on head {head}: relative error {rel:.3g}"
 
 
+def check_animate_against_masked_dense(attend, q, k, v, layout):
+    """The first and the last head of the Wan-Animate rule's output against SDPA (fp32) with the rule's dense
+    (L, L) mask on those heads; raises AssertionError with the error."""
+    from fastvmt_kernels import local_attention_mask
+
+    generated, reference = animate_layout(layout), layout.grid[1] * layout.grid[2]
+    mask = torch.ones(SEQ, SEQ, dtype=torch.bool, device=q.device)
+    mask[reference:, reference:] = local_attention_mask(generated.grid, generated.tile, generated.window).to(q.device)
+    with torch.no_grad():
+        out = attend(q, k, v)
+        for head in (0, -1):
+            pick = slice(0, 1) if head == 0 else slice(-1, None)
+            got = out[:, :, pick].float()
+            want = F.scaled_dot_product_attention(
+                *(t[:, :, pick].float().transpose(1, 2) for t in (q, k, v)), attn_mask=mask
+            ).transpose(1, 2)
+            rel = ((got - want).abs().max() / want.abs().max()).item()
+            assert rel < GPU_CHECK_REL_TOL, f"ours-animate disagrees with the masked SDPA on head {head}: {rel:.3g}"
+
+
 def cases():
     """Ours first, then dense, then FlexAttention (slow to compile): a stage timeout loses the least."""
     for model in MODELS:
@@ -190,6 +235,8 @@ def cases():
                 yield model, density, "flex", mode
     for mode in MODES:
         yield GQA_MODEL, GQA_DENSITY, "ours-gqa", mode
+    for mode in MODES:
+        yield ANIMATE_MODEL, ANIMATE_DENSITY, "ours-animate", mode
 
 
 @pytest.mark.parametrize("case", list(cases()), ids=lambda case: "-".join(case))
@@ -232,6 +279,8 @@ def test_local_attention(benchmark, case, monkeypatch):
         with torch.no_grad():
             expected = local_attention_reference(q, k, v, layout)[0]
             assert torch.allclose(attend(q, k, v), expected, atol=1e-4), f"{provider} disagrees with the reference"
+    if provider == "ours-animate" and mode == "fwd":  # the timed rule is right: first and last head vs masked SDPA
+        check_animate_against_masked_dense(attend, q, k, v, layout)
     if not DRY and provider in ("ours", "ours-gqa") and mode == "fwd":  # the timed configuration is right
         check_first_head_against_reference(attend, q, k, v, layout)
     step()  # compile / autotune outside the timing
@@ -239,6 +288,8 @@ def test_local_attention(benchmark, case, monkeypatch):
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
     benchmark.pedantic(lambda: (step(), sync()), rounds=1 if DRY else 3, iterations=1)
     pairs = SEQ * SEQ * (1.0 if density == "dense" else layout.density())
+    if provider == "ours-animate":
+        pairs = animate_pairs(layout)
     flops = 4 * BATCH * heads * HEAD_DIM * pairs * (1 if mode == "fwd" else 1 + BWD_FLOP_FACTOR)
     RESULTS.append({
         "model": model, "heads": heads, "kv_heads": heads_kv, "density_target": density, "window": "x".join(map(str, window)) if density != "dense" else "-",
@@ -318,5 +369,8 @@ def _write(rows: List[Dict[str, object]]) -> None:
         "warps, pipeline stages overriding the defaults of fastvmt_kernels/local_attention/kernels.py",
         f"ours-gqa: grouped-query attention, k and v with heads / {GQA_GROUP} heads (kv_heads); FLOPs counted per "
         "query head as for ours",
+        "ours-animate: Wan-Animate's rule (fastvmt.wan_animate): the grid's first frame is the reference image, "
+        "attending and attended by all tokens; the window (in tiles) holds among the other frames; density = its "
+        "kept pairs / L^2 (joint_local_attention, the reference frame's part on the kernels too)",
     ]
     write_table("local_attention", "Local attention vs dense SDPA and FlexAttention", rows, columns, notes, _plot(rows))

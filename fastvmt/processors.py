@@ -8,9 +8,10 @@
   parallelism machinery.
 - :func:`apply_local_attention` installs it on a live transformer; ``phases`` chooses guidance passes, denoising
   passes or both (the pipeline marks passes with :func:`attention_phase`). It patches the Wan family (Wan2.1 / 2.2,
-  Wan-VACE with its control blocks, ChronoEdit, SkyReels-V2); given a CogVideoX, HunyuanVideo (1.0 or 1.5) or
-  LTX-Video one it installs that family's processor instead (:mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`,
-  :mod:`fastvmt.hunyuan_video15`, :mod:`fastvmt.ltx_video`: each gives its ``PROCESSOR``, ``processor_keys`` and ``read_grid``; the settings
+  Wan-VACE with its control blocks, ChronoEdit, SkyReels-V2); given a Wan-Animate, CogVideoX, HunyuanVideo (1.0 or
+  1.5) or LTX-Video one it installs that family's processor instead (:mod:`fastvmt.wan_animate`,
+  :mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`, :mod:`fastvmt.hunyuan_video15`, :mod:`fastvmt.ltx_video`:
+  each gives its ``PROCESSOR``, ``processor_keys`` and ``read_grid``; the settings
   (:class:`LocalWindowSettings`) and the installation (:func:`install_local_processor`) are shared).
 """
 from __future__ import annotations
@@ -52,6 +53,7 @@ OTHER_FAMILIES = {
     "HunyuanVideoTransformer3DModel": "fastvmt.hunyuan_video",
     "HunyuanVideo15Transformer3DModel": "fastvmt.hunyuan_video15",
     "LTXVideoTransformer3DModel": "fastvmt.ltx_video",
+    "WanAnimateTransformer3DModel": "fastvmt.wan_animate",
 }
 
 _phase_state = threading.local()
@@ -207,14 +209,18 @@ class LocalAttnProcessor(LocalWindowSettings, WanAttnProcessor):
         )
         if not local:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        from fastvmt_kernels import local_attention
-
         query, key, value = project_self_attention(attn, hidden_states, rotary_emb)
-        grid = self.token_grid(rotary_key(rotary_emb))
-        out = local_attention(query, key, value, grid, self.tile, self.window, backend=self.backend)
+        out = self.attend(query, key, value, self.token_grid(rotary_key(rotary_emb)))
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid) -> torch.Tensor:
+        """The local attention of one call: q, k, v (B, L, heads, head_dim) after norm and RoPE, L = T * Hg * Wg
+        tokens of ``grid`` in raster order; returns (B, L, heads, head_dim)."""
+        from fastvmt_kernels import local_attention
+
+        return local_attention(query, key, value, grid, self.tile, self.window, backend=self.backend)
 
 
 class _TokenGrid:
@@ -346,7 +352,8 @@ def apply_local_attention(
     Args:
         transformer: a diffusers ``WanTransformer3DModel`` (Wan2.1 / 2.2), ``WanVACETransformer3DModel`` (its
             control blocks are patched with the main block each feeds), ``ChronoEditTransformer3DModel`` or
-            ``SkyReelsV2Transformer3DModel`` (cross-attention untouched; masked calls stay dense), or a
+            ``SkyReelsV2Transformer3DModel`` (cross-attention untouched; masked calls stay dense), a
+            ``WanAnimateTransformer3DModel`` (its reference frame stays global: :mod:`fastvmt.wan_animate`), or a
             ``CogVideoXTransformer3DModel`` / ``HunyuanVideoTransformer3DModel`` /
             ``HunyuanVideo15Transformer3DModel`` (their joint text + video attention then runs
             :func:`fastvmt_kernels.joint_local_attention`; see :mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`,

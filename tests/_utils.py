@@ -50,22 +50,28 @@ def stock_copy(model):
     return stock
 
 
-def local_rule_reference(model, kwargs, module, grid, tile, window, num_text, monkeypatch):
-    """``model``'s output with the joint local rule added to the bool mask of each [video, text] attention call made
-    through ``module.dispatch_attention_fn`` (video queries x video keys: the local window of ``grid``, ``tile``,
-    ``window``; the mask given, (B, 1, 1, N) or (B, 1, N, N), elsewhere). Calls of another length (a text-only
-    refiner) run unchanged."""
+def local_rule_reference(model, kwargs, module, grid, tile, window, num_global, monkeypatch, global_position="suffix"):
+    """``model``'s output with the joint local rule added to the bool mask of each self-attention call over the
+    [video, global] sequence (``global_position="suffix"``, e.g. text) or the [global, video] one (``"prefix"``, e.g.
+    Wan-Animate's reference frame) made through ``module.dispatch_attention_fn``: video queries x video keys get the
+    local window of ``grid``, ``tile``, ``window``; the mask given ((B, 1, 1, N) or (B, 1, N, N), or none) holds
+    elsewhere. Calls of another length (a text-only refiner, cross-attention) run unchanged."""
     from fastvmt_kernels import local_attention_mask
 
     local = local_attention_mask(grid, tile, window)
     num_video = local.shape[0]
+    total = num_video + num_global
+    video = slice(0, num_video) if global_position == "suffix" else slice(num_global, total)
     dispatch = module.dispatch_attention_fn
 
     def masked_dispatch(query, key, value, attn_mask=None, **kw):
-        if query.shape[1] != num_video + num_text:
+        if query.shape[1] != total or key.shape[1] != total:
             return dispatch(query, key, value, attn_mask=attn_mask, **kw)
-        mask = attn_mask.expand(-1, 1, query.shape[1], -1).clone()
-        mask[:, :, :num_video, :num_video] &= local
+        if attn_mask is None:
+            mask = torch.ones(query.shape[0], 1, total, total, dtype=torch.bool, device=query.device)
+        else:
+            mask = attn_mask.expand(-1, 1, total, -1).clone()
+        mask[:, :, video, video] &= local
         out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value)), attn_mask=mask)
         return out.transpose(1, 2)
 

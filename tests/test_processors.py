@@ -280,3 +280,14 @@ def test_default_tile_and_window_as_documented():
 
 def test_processor_defaults_to_both_phases():
     assert LocalAttnProcessor().phases == PHASES
+
+
+def test_every_lazy_export_of_the_package_resolves_to_its_module_attribute():
+    """``fastvmt.<name>`` for each public name imported on first use is that module's object (a typo in a module
+    path or a name would surface only when a user touched it)."""
+    import importlib
+
+    import fastvmt
+
+    for name, module in fastvmt._LAZY_EXPORTS.items():
+        assert getattr(fastvmt, name) is getattr(importlib.import_module(module), name), name
