@@ -100,8 +100,8 @@ def test_grouped_query_heads_match_dense_over_shared_heads(position, backend, de
 
 GLOBAL_KERNEL_CASES = {
     # name: (dtype, B, H, H_kv, D, grid, tile, window, num_global, position)
-    # 30 video queries in 10 chunks of 3 global tokens; batch 2 copies the global keys per chunk; grouped heads
-    "many-chunks-gqa-fp32": (torch.float32, 2, 4, 2, 16, (2, 3, 5), (1, 2, 2), (1, 1, 2), 3, "prefix"),
+    # 30 video queries in 7 whole chunks of 4 global tokens and a padded one of 2; batch 2; grouped heads
+    "many-chunks-gqa-fp32": (torch.float32, 2, 4, 2, 16, (2, 3, 5), (1, 2, 2), (1, 1, 2), 4, "prefix"),
     # 130 global tokens (one full 128-token tile and a ragged one) for 20 video queries: one padded chunk
     "wide-global-bf16": (torch.bfloat16, 1, 2, 2, 32, (1, 4, 5), (1, 2, 2), (1, 1, 1), 130, "suffix"),
     # a reference frame as the global prefix (Wan-Animate): 12 global tokens for 3 frames of 4 x 3 video tokens
@@ -159,7 +159,7 @@ def test_global_kernel_path_beyond_the_launch_grid_takes_the_fp32_block(monkeypa
     """More (chunk, head) program rows than CUDA's grid allows: the dense fp32 block serves the global part."""
     from fastvmt_kernels.local_attention import joint
 
-    monkeypatch.setattr(joint, "MAX_GRID_Y", 19)  # 10 chunks x 2 heads = 20 rows
+    monkeypatch.setattr(joint, "MAX_GRID_Y", 19)  # 10 chunks x 2 heads = 20 rows per batch element
     q = torch.randn(1, 30, 2, 16)
     assert not joint._kernels_take_global_block(q, 3)
     assert joint._kernels_take_global_block(q[:, :27], 3)  # 9 chunks

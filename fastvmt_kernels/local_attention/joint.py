@@ -9,7 +9,7 @@ one softmax over the union of keys.
 
 The video queries' global part runs on the Triton kernels too when the local part does and no global key is masked
 (:func:`_video_to_global_kernels`): the video queries, cut into chunks of ``num_global`` tokens, attend the global
-keys through :func:`local_attention` with a window covering them. That keeps thousands of global tokens (a reference
+keys through :func:`local_attention` with a window covering them (views of q, k, v; no copy of q's size). That keeps thousands of global tokens (a reference
 frame of Wan-Animate's, 1,560 tokens at 480p) on the tensor cores with no logits block in memory. Masked global keys
 (text padding) take a dense fp32 block instead (:func:`_video_to_global`), which suits hundreds of them.
 """
@@ -60,47 +60,57 @@ def _video_to_global(q_video, k_glob, v_glob, key_mask, scale):
     return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
 
 
-def _global_chunks(num_video: int, num_global: int) -> int:
-    """Chunks of ``num_global`` video queries that hold ``num_video`` of them (the last one padded)."""
-    return -(-num_video // num_global)
-
-
 def _kernels_take_global_block(q_video: torch.Tensor, num_global: int) -> bool:
     """Whether :func:`_video_to_global_kernels` can launch for these video queries (B, L, H, D): one program row per
-    (chunk, head) within CUDA's grid limit, and the global keys' tiles within the kernels' index arithmetic."""
-    batch, num_video, heads, _ = q_video.shape
-    chunks = _global_chunks(num_video, num_global)
-    return (batch * chunks * heads <= MAX_GRID_Y
-            and -(-num_global // min(GLOBAL_KERNEL_TILE, num_global)) <= SMALL_DIVMOD_MAX_D)
+    (chunk of num_global queries, head) of a batch element within CUDA's grid limit, and the global keys' tiles within
+    the kernels' index arithmetic."""
+    _, num_video, heads, _ = q_video.shape
+    chunks = -(-num_video // num_global)
+    return chunks * heads <= MAX_GRID_Y and -(-num_global // min(GLOBAL_KERNEL_TILE, num_global)) <= SMALL_DIVMOD_MAX_D
+
+
+def _chunks_to_global(q, k, v, scale, backend):
+    """Dense attention of n chunks of G queries each over the same G global keys, on the Triton kernels.
+
+    q: (1, n * G, H, D); k, v: (1, G, H_kv, D). Chunk c becomes batch entry c of a :func:`local_attention` call on a
+    (1, 1, G) grid whose window covers every tile (q and k, v as views: k, v expanded with batch stride 0; autograd
+    sums the chunks' dk, dv). Returns out (1, n * G, H, D) and lse (1, H, n * G) fp32 natural log.
+    """
+    num_global, (heads, head_dim) = k.shape[1], q.shape[2:]
+    chunks = q.shape[1] // num_global
+    tile = min(GLOBAL_KERNEL_TILE, num_global)
+    out, lse = local_attention(
+        q.reshape(chunks, num_global, heads, head_dim), k.expand(chunks, -1, -1, -1), v.expand(chunks, -1, -1, -1),
+        (1, 1, num_global), (1, 1, tile), (1, 1, -(-num_global // tile)), scale=scale, backend=backend,
+        return_lse=True,
+    )
+    return out.reshape(1, chunks * num_global, heads, head_dim), lse.transpose(0, 1).reshape(1, heads, -1)
 
 
 def _video_to_global_kernels(q_video, k_glob, v_glob, scale, backend):
     """Softmax attention of the video queries over all global keys, on the Triton kernels (no key mask).
 
-    The L video queries are padded to C = ceil(L / G) chunks of G = num_global queries, chunk c of batch b becoming
-    batch entry b * C + c (a view of q); each attends the G global keys (a stride-0 view for B = 1, a copy per chunk
-    otherwise) through :func:`local_attention` on a (1, 1, G) grid whose window covers every tile: dense attention
-    with the kernels' fp32 log-sum-exp, differentiable through both (autograd sums the chunks' dk, dv).
+    Per batch element, the video queries are cut into chunks of G = num_global tokens that attend the G global keys
+    (:func:`_chunks_to_global`): the whole chunks as a view of q, the last partial one zero-padded to G (a copy of at
+    most G queries, whose padding rows are dropped). Nothing of the size of q is copied, so nothing such is saved
+    for backward either.
 
     q_video: (B, L, H, D); k_glob, v_glob: (B, G, H_kv, D). Returns out (B, L, H, D) in q's dtype and its natural-log
-    log-sum-exp (B, H, L) fp32.
+    log-sum-exp (B, H, L) fp32, both differentiable.
     """
-    batch, num_video, heads, head_dim = q_video.shape
-    num_global = k_glob.shape[1]
-    chunks = _global_chunks(num_video, num_global)
-    padded = chunks * num_global
-    q = F.pad(q_video, (0, 0, 0, 0, 0, padded - num_video)) if padded != num_video else q_video
-    q = q.reshape(batch * chunks, num_global, heads, head_dim)
-    k, v = (t.unsqueeze(1).expand(batch, chunks, *t.shape[1:]).reshape(batch * chunks, *t.shape[1:])
-            for t in (k_glob, v_glob))
-    tile = min(GLOBAL_KERNEL_TILE, num_global)
-    out, lse = local_attention(
-        q, k, v, (1, 1, num_global), (1, 1, tile), (1, 1, -(-num_global // tile)), scale=scale, backend=backend,
-        return_lse=True,
-    )
-    out = out.reshape(batch, padded, heads, head_dim)[:, :num_video]
-    lse = lse.reshape(batch, chunks, heads, num_global).transpose(1, 2).reshape(batch, heads, padded)
-    return out, lse[..., :num_video]
+    num_video, num_global = q_video.shape[1], k_glob.shape[1]
+    whole = num_video - num_video % num_global  # queries in whole chunks
+    outs, lses = [], []
+    for b in range(q_video.shape[0]):
+        q, k, v = (t[b : b + 1] for t in (q_video, k_glob, v_glob))
+        parts = [_chunks_to_global(q[:, :whole], k, v, scale, backend)] if whole else []
+        if whole < num_video:  # the last, partial chunk: its rows padded up to G with zero queries
+            rest = num_video - whole
+            out, lse = _chunks_to_global(F.pad(q[:, whole:], (0, 0, 0, 0, 0, num_global - rest)), k, v, scale, backend)
+            parts.append((out[:, :rest], lse[..., :rest]))
+        outs.append(torch.cat([out for out, _ in parts], dim=1))
+        lses.append(torch.cat([lse for _, lse in parts], dim=2))
+    return torch.cat(outs), torch.cat(lses)
 
 
 def joint_local_attention(
