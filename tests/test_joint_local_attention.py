@@ -37,6 +37,19 @@ def dense_masked(q, k, v, mask, scale):
     return torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v.double())
 
 
+def assert_matches_dense_union(out, q, k, v, grid, tile, window, num_global, prefix, key_mask, tol):
+    """``out`` and its gradients for a random output gradient against the fp64 dense softmax over the joint rule's
+    keys (``key_mask``: (B, num_global) bool), with k, v repeated over grouped query heads; gradients at 2 * tol."""
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    shared = [t.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for t in (k, v)]
+    expected = dense_masked(q, *shared, joint_mask(grid, tile, window, num_global, prefix, key_mask), q.shape[-1] ** -0.5)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), dout.double())
+    assert_rel_close(out, expected, tol, "out")
+    for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert_rel_close(g, e, 2 * tol, name)
+
+
 CASES = {
     # name: (dtype, B, H, D, grid, tile, window, num_global, position, masked)
     "prefix-ragged-fp32": (torch.float32, 1, 2, 16, (3, 5, 7), (2, 2, 3), (1, 2, 1), 5, "prefix", False),
@@ -60,17 +73,9 @@ def test_matches_dense_masked_softmax(name, backend, device):
         q, k, v, grid, tile, window, num_global=num_global, global_position=position,
         global_key_mask=key_mask.to(device) if masked else None, backend=backend,
     )
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-
-    mask = joint_mask(grid, tile, window, num_global, position == "prefix", key_mask)
-    expected = dense_masked(q, k, v, mask, d**-0.5)
-    expected_grads = torch.autograd.grad(expected, (q, k, v), dout.double())
-    tol = REL_TOL[dtype]
     assert out.dtype == dtype
-    assert_rel_close(out, expected, tol, "out")
-    for gname, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
-        assert_rel_close(g, e, 2 * tol, gname)
+    assert_matches_dense_union(out, q, k, v, grid, tile, window, num_global, position == "prefix", key_mask,
+                               REL_TOL[dtype])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -86,16 +91,8 @@ def test_grouped_query_heads_match_dense_over_shared_heads(position, backend, de
     key_mask[0, 1::2] = False
     out = joint_local_attention(q, k, v, grid, tile, window, num_global=num_global, global_position=position,
                                 global_key_mask=key_mask.to(device), backend=backend)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-
-    shared = [t.repeat_interleave(h // h_kv, dim=2) for t in (k, v)]
-    mask = joint_mask(grid, tile, window, num_global, position == "prefix", key_mask)
-    expected = dense_masked(q, *shared, mask, d**-0.5)
-    expected_grads = torch.autograd.grad(expected, (q, k, v), dout.double())
-    assert_rel_close(out, expected, REL_TOL[torch.float32], "out")
-    for gname, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
-        assert_rel_close(g, e, 2 * REL_TOL[torch.float32], gname)
+    assert_matches_dense_union(out, q, k, v, grid, tile, window, num_global, position == "prefix", key_mask,
+                               REL_TOL[torch.float32])
 
 
 GLOBAL_KERNEL_CASES = {
@@ -125,18 +122,9 @@ def test_unmasked_global_keys_run_on_the_kernels(name, device, monkeypatch):
     k, v = (torch.randn(b, total, h_kv, d, device=device).to(dtype).requires_grad_() for _ in range(2))
     out = joint_local_attention(q, k, v, grid, tile, window, num_global=num_global, global_position=position,
                                 backend="triton")
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-
-    shared = [t.repeat_interleave(h // h_kv, dim=2) for t in (k, v)]
-    mask = joint_mask(grid, tile, window, num_global, position == "prefix", torch.ones(b, num_global, dtype=torch.bool))
-    expected = dense_masked(q, *shared, mask, d**-0.5)
-    expected_grads = torch.autograd.grad(expected, (q, k, v), dout.double())
-    tol = REL_TOL[dtype]
     assert out.dtype == dtype
-    assert_rel_close(out, expected, tol, "out")
-    for gname, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
-        assert_rel_close(g, e, 2 * tol, gname)
+    assert_matches_dense_union(out, q, k, v, grid, tile, window, num_global, position == "prefix",
+                               torch.ones(b, num_global, dtype=torch.bool), REL_TOL[dtype])
 
 
 def test_masked_global_keys_and_the_torch_backend_take_the_fp32_block(device, monkeypatch):
