@@ -43,7 +43,8 @@ def assert_matches_dense_union(out, q, k, v, grid, tile, window, num_global, pre
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     shared = [t.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for t in (k, v)]
-    expected = dense_masked(q, *shared, joint_mask(grid, tile, window, num_global, prefix, key_mask), q.shape[-1] ** -0.5)
+    mask = joint_mask(grid, tile, window, num_global, prefix, key_mask)
+    expected = dense_masked(q, *shared, mask, q.shape[-1] ** -0.5)
     expected_grads = torch.autograd.grad(expected, (q, k, v), dout.double())
     assert_rel_close(out, expected, tol, "out")
     for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):

@@ -9,9 +9,10 @@ one softmax over the union of keys.
 
 The video queries' global part runs on the Triton kernels too when the local part does and no global key is masked
 (:func:`_video_to_global_kernels`): the video queries, cut into chunks of ``num_global`` tokens, attend the global
-keys through :func:`local_attention` with a window covering them (views of q, k, v; no copy of q's size). That keeps thousands of global tokens (a reference
-frame of Wan-Animate's, 1,560 tokens at 480p) on the tensor cores with no logits block in memory. Masked global keys
-(text padding) take a dense fp32 block instead (:func:`_video_to_global`), which suits hundreds of them.
+keys through :func:`local_attention` with a window covering them (views of q, k, v; no copy of q's size). That keeps
+thousands of global tokens (a reference frame of Wan-Animate's, 1,560 tokens at 480p) on the tensor cores with no
+logits block in memory. Masked global keys (text padding) take a dense fp32 block instead (:func:`_video_to_global`),
+which suits hundreds of them.
 """
 from __future__ import annotations
 
@@ -20,10 +21,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_tensors
-from ..layout import TileLayout
-from .._checks import resolve_backend
+from .._checks import check_tensors, resolve_backend
 from ..index_math import SMALL_DIVMOD_MAX_D
+from ..layout import TileLayout
 from .interface import MAX_GRID_Y, check_head_groups, local_attention
 
 GLOBAL_POSITIONS = ("prefix", "suffix")
