@@ -179,40 +179,42 @@ def time_ms(fn: Callable[[], object]) -> float:
 GPU_CHECK_REL_TOL = 2e-2  # bf16 kernel vs the fp32 chunked reference, relative to the output's largest entry
 
 
-def check_first_head_against_reference(attend, q, k, v, layout):
-    """The first and the last head of our kernel's output (the configuration being timed, at the benchmark's full
-    shape) against the chunked fp32 reference on those heads of q and of k, v (with grouped heads, the first and
-    the last query head read the first and the last key / value head); raises AssertionError with the error."""
-    from fastvmt_kernels.local_attention.reference import local_attention_reference
-
+def assert_end_heads_close(attend, q, k, v, reference, what):
+    """The first and the last head of ``attend(q, k, v)`` (the configuration being timed, at the benchmark's full
+    shape) against ``reference(q_h, k_h, v_h)`` on those heads of q and of k, v in fp32 (with grouped heads, the first
+    and the last query head read the first and the last key / value head), relative to the reference's largest
+    entry; raises AssertionError naming ``what``."""
     with torch.no_grad():
         out = attend(q, k, v)
         for head in (0, -1):
             pick = slice(0, 1) if head == 0 else slice(-1, None)
             got = out[:, :, pick].float()
-            want = local_attention_reference(*(t[:, :, pick].float() for t in (q, k, v)), layout)[0]
+            want = reference(*(t[:, :, pick].float() for t in (q, k, v)))
             rel = ((got - want).abs().max() / want.abs().max()).item()
-            assert rel < GPU_CHECK_REL_TOL, f"ours disagrees with the reference on head {head}: relative error {rel:.3g}"
+            assert rel < GPU_CHECK_REL_TOL, f"{what} on head {head}: relative error {rel:.3g}"
+
+
+def check_first_head_against_reference(attend, q, k, v, layout):
+    """Our kernel's first and last heads against the chunked fp32 reference (:func:`assert_end_heads_close`)."""
+    from fastvmt_kernels.local_attention.reference import local_attention_reference
+
+    assert_end_heads_close(attend, q, k, v, lambda *qkv: local_attention_reference(*qkv, layout)[0],
+                           "ours disagrees with the reference")
 
 
 def check_animate_against_masked_dense(attend, q, k, v, layout):
-    """The first and the last head of the Wan-Animate rule's output against SDPA (fp32) with the rule's dense
-    (L, L) mask on those heads; raises AssertionError with the error."""
+    """The Wan-Animate rule's first and last heads against SDPA with the rule's dense (L, L) mask
+    (:func:`assert_end_heads_close`)."""
     from fastvmt_kernels import local_attention_mask
 
     generated, reference = animate_layout(layout), layout.grid[1] * layout.grid[2]
     mask = torch.ones(SEQ, SEQ, dtype=torch.bool, device=q.device)
     mask[reference:, reference:] = local_attention_mask(generated.grid, generated.tile, generated.window).to(q.device)
-    with torch.no_grad():
-        out = attend(q, k, v)
-        for head in (0, -1):
-            pick = slice(0, 1) if head == 0 else slice(-1, None)
-            got = out[:, :, pick].float()
-            want = F.scaled_dot_product_attention(
-                *(t[:, :, pick].float().transpose(1, 2) for t in (q, k, v)), attn_mask=mask
-            ).transpose(1, 2)
-            rel = ((got - want).abs().max() / want.abs().max()).item()
-            assert rel < GPU_CHECK_REL_TOL, f"ours-animate disagrees with the masked SDPA on head {head}: {rel:.3g}"
+
+    def masked_sdpa(*qkv):
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in qkv), attn_mask=mask).transpose(1, 2)
+
+    assert_end_heads_close(attend, q, k, v, masked_sdpa, "ours-animate disagrees with the masked SDPA")
 
 
 def cases():
