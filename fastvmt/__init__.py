@@ -14,6 +14,7 @@ _LAZY_EXPORTS = {
     "HunyuanVideoLocalAttnProcessor": "fastvmt.hunyuan_video",
     "HunyuanVideo15LocalAttnProcessor": "fastvmt.hunyuan_video15",
     "LTXVideoLocalAttnProcessor": "fastvmt.ltx_video",
+    "LTX2LocalAttnProcessor": "fastvmt.ltx2",
     "WanAnimateLocalAttnProcessor": "fastvmt.wan_animate",
     "QKCaptureProcessor": "fastvmt.processors",
     "attention_phase": "fastvmt.processors",

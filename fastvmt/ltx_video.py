@@ -30,6 +30,18 @@ def read_grid(transformer, args, kwargs) -> Optional[Tuple[int, int, int]]:
     return tuple(int(size) for size in sizes)
 
 
+def warn_dense_once(processor, model_name: str, grid: Optional[Tuple[int, int, int]], tokens: int, causes: str) -> None:
+    """Warn, once per ``processor`` (its ``_warned`` flag), that a call of ``tokens`` tokens whose token ``grid`` is
+    unknown (None) or does not fit it runs the stock dense self-attention; ``causes`` names the usual reasons."""
+    if processor._warned:
+        return
+    processor._warned = True
+    what = "gives no num_frames / height / width" if grid is None else \
+        f"has grid {grid} ({grid[0] * grid[1] * grid[2]} tokens) for a sequence of {tokens}"
+    warnings.warn(f"{model_name} local attention: the call {what} ({causes}); its self-attention runs dense",
+                  stacklevel=3)
+
+
 class LTXVideoLocalAttnProcessor(LocalWindowSettings, LTXVideoAttnProcessor):
     """LTX-Video self-attention through :func:`fastvmt_kernels.local_attention` (arguments as
     :class:`LocalWindowSettings`).
@@ -52,7 +64,8 @@ class LTXVideoLocalAttnProcessor(LocalWindowSettings, LTXVideoAttnProcessor):
         )
         grid = self.token_grid(rotary_key(image_rotary_emb), required=False) if local else None
         if local and (grid is None or hidden_states.size(1) != grid[0] * grid[1] * grid[2]):
-            self._warn_dense(grid, hidden_states.size(1))
+            warn_dense_once(self, "LTX-Video", grid, hidden_states.size(1),
+                            "positions given as video_coords, or conditioning tokens appended")
             local = False
         if not local:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -66,15 +79,6 @@ class LTXVideoLocalAttnProcessor(LocalWindowSettings, LTXVideoAttnProcessor):
         out = local_attention(query, key, value, grid, self.tile, self.window, backend=self.backend)
         out = out.flatten(2, 3).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](out))
-
-    def _warn_dense(self, grid, tokens: int) -> None:
-        if self._warned:
-            return
-        self._warned = True
-        what = "gives no num_frames / height / width" if grid is None else \
-            f"has grid {grid} ({grid[0] * grid[1] * grid[2]} tokens) for a sequence of {tokens}"
-        warnings.warn(f"LTX-Video local attention: the call {what} (positions given as video_coords, or conditioning "
-                      "tokens appended); its self-attention runs dense", stacklevel=3)
 
 
 PROCESSOR = LTXVideoLocalAttnProcessor

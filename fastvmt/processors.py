@@ -9,8 +9,9 @@
 - :func:`apply_local_attention` installs it on a live transformer; ``phases`` chooses guidance passes, denoising
   passes or both (the pipeline marks passes with :func:`attention_phase`). It patches the Wan family (Wan2.1 / 2.2,
   Wan-VACE with its control blocks, ChronoEdit, SkyReels-V2); given a Wan-Animate, CogVideoX, HunyuanVideo (1.0 or
-  1.5) or LTX-Video one it installs that family's processor instead (:mod:`fastvmt.wan_animate`,
-  :mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`, :mod:`fastvmt.hunyuan_video15`, :mod:`fastvmt.ltx_video`:
+  1.5), LTX-Video or LTX-2 one it installs that family's processor instead (:mod:`fastvmt.wan_animate`,
+  :mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`, :mod:`fastvmt.hunyuan_video15`, :mod:`fastvmt.ltx_video`,
+  :mod:`fastvmt.ltx2`:
   each gives its ``PROCESSOR``, ``processor_keys`` and ``read_grid``; the settings
   (:class:`LocalWindowSettings`) and the installation (:func:`install_local_processor`) are shared).
 """
@@ -53,6 +54,7 @@ OTHER_FAMILIES = {
     "HunyuanVideoTransformer3DModel": "fastvmt.hunyuan_video",
     "HunyuanVideo15Transformer3DModel": "fastvmt.hunyuan_video15",
     "LTXVideoTransformer3DModel": "fastvmt.ltx_video",
+    "LTX2VideoTransformer3DModel": "fastvmt.ltx2",
     "WanAnimateTransformer3DModel": "fastvmt.wan_animate",
 }
 
@@ -358,7 +360,8 @@ def apply_local_attention(
             ``HunyuanVideo15Transformer3DModel`` (their joint text + video attention then runs
             :func:`fastvmt_kernels.joint_local_attention`; see :mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`,
             :mod:`fastvmt.hunyuan_video15`), or an ``LTXVideoTransformer3DModel`` (self-attention,
-            :mod:`fastvmt.ltx_video`). Others raise ValueError.
+            :mod:`fastvmt.ltx_video`) or ``LTX2VideoTransformer3DModel`` (video self-attention; appended
+            conditioning tokens stay global: :mod:`fastvmt.ltx2`). Others raise ValueError.
         tile: (tt, th, tw) tokens per tile; window: (wt, wh, ww) in tiles.
         blocks: block indices to patch, None for every block.
         phases: "both", "guidance" (only the motion-guidance passes) or "denoise" (only the denoising passes).
