@@ -78,7 +78,7 @@ DITFLOW_TEMPERATURE = 2.0
 # FWD_TILE_GROUP / BWD_TILE_GROUP in fastvmt_kernels/motion_flow/kernels.py); fwd1x1_bwd1x1 is one tile per program.
 # Optional suffixes override the fine passes' warps (_w), the backward's warps only (_bw), every kernel's pipeline
 # stages (_s) and the backward's keys per step (_bn). fused_fwd2x2_bwd2x2_bw8_bn32 is the spill-free backward
-# (offline: 214 registers, 0 bytes, vs 88 bytes outside the hot loop for the default). fused_fwd2x1_bwd2x1_s2 is the default of runs 3 and 4 (benchmarks/results/gpu_runs.md); run 4 made
+# (offline: 202 registers, 0 bytes, vs 72 bytes outside the hot loop for the default). fused_fwd2x1_bwd2x1_s2 is the default of runs 3 and 4 (benchmarks/results/gpu_runs.md); run 4 made
 # 2 x 2 groups in 3 stages the default. Groups of >= 64 query slots (2x2, 4x1 of 3x4 tiles) run query-major
 # (kernels.fine_launch).
 ABLATIONS = ("fused_fwd2x1_bwd2x1_s2", "fused_fwd1x1_bwd1x1", "fused_fwd1x2_bwd1x2", "fused_fwd2x2_bwd2x2_s2",

@@ -24,11 +24,12 @@ There is no P.V product: the expectation is over 2 coordinates, so exp throughpu
 latency, not the tensor cores, bound these kernels (kernel-anchors.md). The fine loops therefore keep their integer
 work small (sm_90a SASS per 64-key step and thread, before -> after: forward 1054 -> 788 instructions, backward
 1344 -> 873; benchmarks/results/sass_compare.md): key coordinates come from an exact fp32-reciprocal division
-instead of a runtime integer division (~20 instructions per element), window membership is one unsigned range test
-per axis, padding keys past a box read a real key and add an exactly zero dS row (no row masks on loads or atomics, so no
+instead of a runtime integer division (~20 instructions per element), window membership is one subtraction and one
+absolute-value compare per axis on the keys' float positions in the box (which the sums and dS need anyway: no
+integer key coordinates beside them; 888 -> 817 forward, 1145 -> 1081 backward, 2 x 2 groups), padding keys past a box read a real key and add an exactly zero dS row (no row masks on loads or atomics, so no
 branches around the atomics), the forward's three per-block key sums are one reduction (6 barriers, not 12), the
 backward forms dS as P * (row * gy + col * gx - c) (scale folded into the query's gradient, positions from the box
-corner) and key element offsets are int32 inside a frame (int64 frame base).
+corner) and query and key element offsets are int32 inside a frame (int64 frame base).
 
 bf16 loads are upcast before any elementwise math (the interpreter's bf16 arithmetic is wrong); tl.dot takes the
 input dtype (fp32 uses IEEE precision, not TF32).
@@ -50,8 +51,9 @@ COARSE_BLOCK_N = 64
 # Fine pass: window keys per step (the MMA M dimension); queries per tile are padded to >= MIN_BLOCK_Q.
 FINE_BLOCK_N = 64
 # Keys per backward step. At 64 (D = 128, 2 x 2 groups query-major, 4 warps) the backward holds 255 registers and
-# spills 88 bytes outside its hot loop (reloaded once per pair; 240 with 2 x 1 groups); at 32 it spills 40 (2 x 1:
-# none, 189 registers), but issues ~10% more instructions per key (benchmark ablation rows *_bn32 compare them).
+# spills 72 bytes outside its hot loop (reloaded once per pair and at the end; 240 with 2 x 1 groups); at 32 it spills
+# 56 (2 x 1: none, 189 registers), but issues ~7% more instructions per key (benchmark ablation rows *_bn32 compare
+# them).
 BWD_BLOCK_N = 64
 MIN_BLOCK_Q = 16
 NUM_WARPS = 4
@@ -96,9 +98,9 @@ def fine_launch(block_q: int, d_pad: int, backward: bool, hopper: bool = True):
 
     Narrow groups put the keys on the MMA's 64 rows (keys x queries; the forward's per-query reductions then cross
     the warps). From WIDE_BLOCK_Q slots both passes turn query-major (queries x keys, each warp owning whole query
-    rows) at 4 warps. sm_90a SASS per 64-key step and thread, 3 x 4 tiles: forward 788 instructions for 16 scores
-    (2 x 1 group, keys-major) vs 888 for 32 (2 x 2, query-major; 2 barriers instead of 6, 123 registers);
-    backward 873 for 16 vs 1143 for 32 (the keys-major 2 x 2 backward needed 8 warps). A 2 x 2 group
+    rows) at 4 warps. sm_90a SASS per 64-key step and thread, 3 x 4 tiles: forward 732 instructions for 16 scores
+    (2 x 1 group, keys-major) vs 817 for 32 (2 x 2, query-major; 2 barriers instead of 6, 127 registers);
+    backward 818 for 16 vs 1081 for 32 (the keys-major 2 x 2 backward needed 8 warps). A 2 x 2 group
     also shares one window box among 48 queries instead of 24, so the backward adds a third fewer dk atomics.
     Above D = WIDE_DIM the backward takes 8 warps (D = 256 at 4 warps: 7 spill stores and 78 reloads per step in
     the 2 x 1 keys-major loop, 335 / 452 query-major; none at 8).
@@ -219,18 +221,16 @@ def _coarse_kernel(
 
 @triton.jit
 def _window_keys(start, oy, ox, win_w, inv_win_w, n_win, frame_w, BLOCK_N: tl.constexpr):
-    """(key y, key x, raster token, row, column) of positions [start, start + BLOCK_N) of the window (box) at
-    (oy, ox) of n_win keys, win_w wide (inv_win_w = 1 / win_w); row and column count from the window's corner.
+    """(raster token, row, column) of positions [start, start + BLOCK_N) of the window (box) at (oy, ox) of n_win
+    keys, win_w wide (inv_win_w = 1 / win_w); row and column count from the window's corner.
 
-    Positions past the window keep their (y, x) -- rows below it, outside every query's window, so
+    Positions past the window keep their (row, column) -- rows below it, outside every query's window, so
     ``_in_own_window`` masks them -- but their token is the window's first one: loads and the dk atomics then need
     no row mask (they read a real key, and add an exactly zero dS row).
     """
     offs_w = start + tl.arange(0, BLOCK_N)
     row, col = small_divmod(offs_w, win_w, inv_win_w)
-    ky = oy + row
-    kx = ox + col
-    return ky, kx, tl.where(offs_w < n_win, ky * frame_w + kx, oy * frame_w + ox), row, col
+    return tl.where(offs_w < n_win, (oy + row) * frame_w + ox + col, oy * frame_w + ox), row, col
 
 
 @triton.jit
@@ -275,22 +275,34 @@ def _add3(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
-def _in_own_window(ky, kx, oy, ox, win_h, win_w, QUERY_MAJOR: tl.constexpr):
-    """Mask of keys inside their query's own window: (BLOCK_N keys, BLOCK_Q queries), or transposed with
-    QUERY_MAJOR.
+def _window_centres(oy, ox, box_y, box_x, win_h, win_w):
+    """Each query's window as (centre row, centre column, half height, half width) in box coordinates, floats:
+    the window holds the rows [c - half, c + half], half = (win - 1) / 2."""
+    half_h = (win_h - 1).to(tl.float32) * 0.5
+    half_w = (win_w - 1).to(tl.float32) * 0.5
+    return (oy - box_y).to(tl.float32) + half_h, (ox - box_x).to(tl.float32) + half_w, half_h, half_w
 
-    One unsigned range test per axis (``0 <= ky - oy < win_h`` as ``uint32(ky - oy) < win_h``). It also rejects
-    the padding keys past the group's box (their ky is below the box, hence below every window) and invalid query
-    slots (``_group_windows`` moves their windows to FAR_ORIGIN), so no validity terms are needed.
+
+@triton.jit
+def _in_own_window(row_f, col_f, centre_y, centre_x, half_h, half_w, QUERY_MAJOR: tl.constexpr):
+    """Mask of keys inside their query's own window: (BLOCK_N keys, BLOCK_Q queries), or transposed with
+    QUERY_MAJOR, from the keys' float (row, column) in the box and the queries' ``_window_centres``.
+
+    An integer row r lies in [c - half, c + half] iff |r - c| <= half + 1/4: one subtraction and one compare (with
+    an absolute-value operand) per axis and element. The keys' float positions are what the soft-argmax sums and dS
+    need anyway, so no integer key coordinates stay in registers beside them (offline sm_90a, 2 x 2 groups, D = 128:
+    hot loop per 64 keys 888 -> 817 instructions forward, 1145 -> 1081 backward, against integer coordinates and an
+    unsigned range test). The test also rejects the padding keys past the group's box (their row is below the box,
+    hence below every window) and invalid query slots (``_group_windows`` moves their windows to FAR_ORIGIN), so no
+    validity terms are needed.
     """
     if QUERY_MAJOR:
-        dy = ky[None, :] - oy[:, None]
-        dx = kx[None, :] - ox[:, None]
+        dy = row_f[None, :] - centre_y[:, None]
+        dx = col_f[None, :] - centre_x[:, None]
     else:
-        dy = ky[:, None] - oy[None, :]
-        dx = kx[:, None] - ox[None, :]
-    inside_y = dy.to(tl.uint32, bitcast=True) < win_h.to(tl.uint32)
-    return inside_y & (dx.to(tl.uint32, bitcast=True) < win_w.to(tl.uint32))
+        dy = row_f[:, None] - centre_y[None, :]
+        dx = col_f[:, None] - centre_x[None, :]
+    return (tl.abs(dy) <= half_h + 0.25) & (tl.abs(dx) <= half_w + 0.25)
 
 
 @triton.jit
@@ -332,36 +344,40 @@ def _fine_fwd_kernel(
     oy, ox, box_y, box_x, box_w, inv_box_w, n_box = _group_windows(w_ptrs, q_ok, frame_h, frame_w, win_h, win_w)
     k_base = k_ptr + b * stride_qb + fj * stride_qf
 
+    # Key positions count from the box corner (the flow subtracts the query's position in the same coordinates).
+    centre_y, centre_x, half_h, half_w = _window_centres(oy, ox, box_y, box_x, win_h, win_w)
     m_i = tl.full([BLOCK_Q], MAX_FLOOR, tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     sum_y = tl.zeros([BLOCK_Q], tl.float32)
     sum_x = tl.zeros([BLOCK_Q], tl.float32)
     for start in range(0, n_box, BLOCK_N):
-        ky, kx, k_tok, _, _ = _window_keys(start, box_y, box_x, box_w, inv_box_w, n_box, frame_w, BLOCK_N)
+        k_tok, row, col = _window_keys(start, box_y, box_x, box_w, inv_box_w, n_box, frame_w, BLOCK_N)
+        row_f = row.to(tl.float32)
+        col_f = col.to(tl.float32)
         kb = _load_key_rows(k_base + (k_tok[:, None] * stride_qs + offs_d[None, :]), offs_d, HEAD_DIM, D_PAD)
         if QUERY_MAJOR:  # (BLOCK_Q queries, BLOCK_N keys): each warp owns whole query rows, reductions stay in it
             s = tl.dot(qt, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale_log2
-            s = tl.where(_in_own_window(ky, kx, oy, ox, win_h, win_w, True), s, float("-inf"))
+            s = tl.where(_in_own_window(row_f, col_f, centre_y, centre_x, half_h, half_w, True), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             blk_l = tl.sum(p, 1)
-            blk_y = tl.sum(p * ky.to(tl.float32)[None, :], 1)
-            blk_x = tl.sum(p * kx.to(tl.float32)[None, :], 1)
+            blk_y = tl.sum(p * row_f[None, :], 1)
+            blk_x = tl.sum(p * col_f[None, :], 1)
         else:  # (BLOCK_N keys, BLOCK_Q queries): the keys fill the MMA's 64 rows, reductions cross the warps
             s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2
-            s = tl.where(_in_own_window(ky, kx, oy, ox, win_h, win_w, False), s, float("-inf"))
+            s = tl.where(_in_own_window(row_f, col_f, centre_y, centre_x, half_h, half_w, False), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 0))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[None, :])
             if FUSED_SUMS:  # one three-operand reduction: the warps exchange partial sums once, not three times
                 blk_l, blk_y, blk_x = tl.reduce(
-                    (p, p * ky.to(tl.float32)[:, None], p * kx.to(tl.float32)[:, None]), 0, _add3
+                    (p, p * row_f[:, None], p * col_f[:, None]), 0, _add3
                 )
             else:
                 blk_l = tl.sum(p, 0)
-                blk_y = tl.sum(p * ky.to(tl.float32)[:, None], 0)
-                blk_x = tl.sum(p * kx.to(tl.float32)[:, None], 0)
+                blk_y = tl.sum(p * row_f[:, None], 0)
+                blk_x = tl.sum(p * col_f[:, None], 0)
         l_i = l_i * alpha + blk_l
         sum_y = sum_y * alpha + blk_y
         sum_x = sum_x * alpha + blk_x
@@ -369,8 +385,8 @@ def _fine_fwd_kernel(
 
     l_safe = tl.where(q_ok, l_i, 1.0)
     f_ptrs = flow_ptr + b * stride_fb + pair * stride_fp + q_tok.to(tl.int64) * stride_fs
-    tl.store(f_ptrs, sum_y / l_safe - qy.to(tl.float32), mask=q_ok)
-    tl.store(f_ptrs + 1, sum_x / l_safe - qx.to(tl.float32), mask=q_ok)
+    tl.store(f_ptrs, sum_y / l_safe - (qy - box_y).to(tl.float32), mask=q_ok)
+    tl.store(f_ptrs + 1, sum_x / l_safe - (qx - box_x).to(tl.float32), mask=q_ok)
     tl.store(lse_ptr + b * stride_lb + pair * stride_lp + q_tok.to(tl.int64), m_i + tl.log2(l_safe), mask=q_ok)
 
 
@@ -404,13 +420,13 @@ def _fine_bwd_kernel(
     q_base = b * stride_qb + fi * stride_qf
     if QUERY_MAJOR:  # q and dq as (BLOCK_Q, D_PAD)
         q_mask = _with_dims(q_ok, offs_d, HEAD_DIM, D_PAD, 1)
-        q_offs = q_base + q_tok64[:, None] * stride_qs + offs_d[None, :]
+        q_offs = q_tok[:, None] * stride_qs + offs_d[None, :]
         dqt = tl.zeros([BLOCK_Q, D_PAD], tl.float32)
     else:  # transposed, (D_PAD, BLOCK_Q)
         q_mask = _with_dims(q_ok, offs_d, HEAD_DIM, D_PAD, 0)
-        q_offs = q_base + q_tok64[None, :] * stride_qs + offs_d[:, None]
+        q_offs = q_tok[None, :] * stride_qs + offs_d[:, None]
         dqt = tl.zeros([D_PAD, BLOCK_Q], tl.float32)
-    qt = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)
+    qt = tl.load(q_ptr + q_base + q_offs, mask=q_mask, other=0.0)
     pair_lo = tl.load(pair_off_ptr + fi).to(tl.int64)
     num_pairs = tl.load(pair_off_ptr + fi + 1) - tl.load(pair_off_ptr + fi)
     for step in range(0, num_pairs):
@@ -428,32 +444,33 @@ def _fine_bwd_kernel(
         rel_x = tl.load(flow_ptr + f_off + 1, mask=q_ok, other=0.0) + (qx - box_x).to(tl.float32)
         c = rel_y * gy + rel_x * gx
         lse = tl.load(lse_ptr + b * stride_lb + pair64 * stride_lp + q_tok64, mask=q_ok, other=0.0)
+        centre_y, centre_x, half_h, half_w = _window_centres(oy, ox, box_y, box_x, win_h, win_w)
         k_base = b * stride_qb + fj * stride_qf
         k_frame = k_ptr + k_base
         dk_frame = dk_ptr + k_base
         for start in range(0, n_box, BLOCK_N):
-            ky, kx, k_tok, row, col = _window_keys(start, box_y, box_x, box_w, inv_box_w, n_box, frame_w, BLOCK_N)
+            k_tok, row, col = _window_keys(start, box_y, box_x, box_w, inv_box_w, n_box, frame_w, BLOCK_N)
             row_f = row.to(tl.float32)
             col_f = col.to(tl.float32)
             k_offs = k_tok[:, None] * stride_qs + offs_d[None, :]  # int32: S * D < 2**26 within the interface limits
             kb = _load_key_rows(k_frame + k_offs, offs_d, HEAD_DIM, D_PAD)
             if QUERY_MAJOR:  # (BLOCK_Q queries, BLOCK_N keys)
                 s = tl.dot(qt, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale_log2
-                inside = _in_own_window(ky, kx, oy, ox, win_h, win_w, True)
+                inside = _in_own_window(row_f, col_f, centre_y, centre_x, half_h, half_w, True)
                 p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.0)
                 ds = (p * (row_f[None, :] * gy[:, None] + (col_f[None, :] * gx[:, None] - c[:, None]))).to(kb.dtype)
                 dqt += tl.dot(ds, kb, input_precision=DOT_PRECISION)
                 dkb = tl.dot(tl.trans(ds), qt, input_precision=DOT_PRECISION)
             else:  # (BLOCK_N keys, BLOCK_Q queries)
                 s = tl.dot(kb, qt, input_precision=DOT_PRECISION) * qk_scale_log2
-                inside = _in_own_window(ky, kx, oy, ox, win_h, win_w, False)
+                inside = _in_own_window(row_f, col_f, centre_y, centre_x, half_h, half_w, False)
                 p = tl.where(inside, tl.exp2(s - lse[None, :]), 0.0)
                 ds = (p * (row_f[:, None] * gy[None, :] + (col_f[:, None] * gx[None, :] - c[None, :]))).to(kb.dtype)
                 dqt += tl.dot(tl.trans(kb), ds, input_precision=DOT_PRECISION)
                 dkb = tl.dot(ds, tl.trans(qt), input_precision=DOT_PRECISION)
             _add_key_rows(dk_frame + k_offs, dkb, offs_d, HEAD_DIM, D_PAD)
 
-    tl.store(dq_ptr + q_offs, dqt.to(dq_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(dq_ptr + q_base + q_offs, dqt.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
