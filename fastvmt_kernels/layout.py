@@ -10,6 +10,12 @@ Local-window rule (the public contract of :func:`fastvmt_kernels.local_attention
 ``c_a`` attends the key tiles ``[s_a, s_a + w_a)`` with
 ``s_a = clamp(c_a - (window_a - 1) // 2, 0, n_a - w_a)``.  The window is shifted inward at the
 borders, so every query sees the same number of tiles.
+
+Block-causal time (``causal_frames = f > 0``, a multiple of ``tt``; autoregressive and diffusion-forcing video DiTs
+such as SkyReels-V2 attend keys only in frame blocks up to their own): time tiles form causal blocks of
+``G = f / tt`` tiles, and a query in time tile ``c`` attends the time tiles ``[max(0, e - window_t), e)`` with
+``e = min(n_t, (c // G + 1) * G)``, the end of its own causal block -- its whole block and the ``window_t - G``
+tiles before it (``window_t >= G``), fewer near the start. Height and width keep the rule above.
 """
 from __future__ import annotations
 
@@ -40,6 +46,13 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def causal_window_end(c: Union[int, torch.Tensor], n: int, block: int) -> Union[int, torch.Tensor]:
+    """End (exclusive) of the block-causal time window of query tile ``c``: the end of its causal block of
+    ``block`` tiles, ``min(n, (c // block + 1) * block)``; works on ints and integer tensors."""
+    end = (c // block + 1) * block
+    return end.clamp(max=n) if isinstance(end, torch.Tensor) else min(end, n)
+
+
 def window_start(c: Union[int, torch.Tensor], n: int, window: int) -> Union[int, torch.Tensor]:
     """First key tile of the window of query tile ``c`` on an axis with ``n`` tiles.
 
@@ -60,20 +73,45 @@ class TileLayout:
         grid: ``(T, Hg, Wg)`` tokens.
         tile: ``(tt, th, tw)`` tokens per tile (the last tile on an axis may be partial).
         window: ``(wt, wh, ww)`` window size counted in tiles, as requested (may exceed the grid).
+        causal_frames: frames per causal time block (0: time is not causal; see the module docstring).
     """
 
     grid: Triple
     tile: Triple
     window: Triple
+    causal_frames: int = 0
 
     @classmethod
-    def create(cls, grid: Sequence[int], tile: Sequence[int], window: Sequence[int]) -> "TileLayout":
+    def create(
+        cls, grid: Sequence[int], tile: Sequence[int], window: Sequence[int], causal_frames: int = 0
+    ) -> "TileLayout":
         """Validate and build a layout; raises ValueError with the offending values."""
-        return cls(
+        layout = cls(
             _as_positive_triple(grid, "grid"),
             _as_positive_triple(tile, "tile"),
             _as_positive_triple(window, "window"),
         )
+        if isinstance(causal_frames, bool) or not isinstance(causal_frames, int) or causal_frames < 0:
+            raise ValueError(f"causal_frames must be an int >= 0 (0: no causal time blocks), got {causal_frames!r}")
+        if causal_frames:
+            tile_t, window_t = layout.tile[0], layout.window[0]
+            if causal_frames % tile_t:
+                raise ValueError(
+                    f"causal_frames must be a multiple of the tile's frames tile[0] = {tile_t} (causal blocks of whole "
+                    f"tiles), got {causal_frames}"
+                )
+            if window_t < causal_frames // tile_t:
+                raise ValueError(
+                    f"window[0] must cover a causal block, >= causal_frames / tile[0] = {causal_frames // tile_t} "
+                    f"time tiles, got {window_t}"
+                )
+            layout = cls(layout.grid, layout.tile, layout.window, causal_frames)
+        return layout
+
+    @property
+    def causal_tiles(self) -> int:
+        """Time tiles per causal block, G = causal_frames / tt (0 when time is not causal)."""
+        return self.causal_frames // self.tile[0]
 
     @property
     def num_tokens(self) -> int:
@@ -97,9 +135,14 @@ class TileLayout:
         a, b, c = self.tile
         return a * b * c
 
-    def window_starts(self, axis: int, tiles: torch.Tensor) -> torch.Tensor:
-        """Window start tile along ``axis`` for query tile indices ``tiles`` (integer tensor)."""
-        return window_start(tiles, self.num_tiles[axis], self.window[axis])
+    def window_bounds(self, axis: int, tiles: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Key-tile window ``[start, end)`` along ``axis`` of query tile indices ``tiles`` (integer tensor)."""
+        n, window = self.num_tiles[axis], self.window[axis]
+        if axis == 0 and self.causal_frames:
+            end = causal_window_end(tiles, n, self.causal_tiles)
+            return (end - window).clamp(min=0), end
+        start = window_start(tiles, n, window)
+        return start, start + self.window_tiles[axis]
 
     def density(self) -> float:
         """Fraction of (query, key) token pairs that the rule keeps (exact, ragged tiles included)."""
@@ -108,9 +151,8 @@ class TileLayout:
             g, s = self.grid[axis], self.tile[axis]
             coords = torch.arange(g)
             tiles = coords // s
-            start = self.window_starts(axis, tiles)
-            key_tiles = tiles
-            keep = (key_tiles[None, :] >= start[:, None]) & (key_tiles[None, :] < start[:, None] + self.window_tiles[axis])
+            start, end = self.window_bounds(axis, tiles)
+            keep = (tiles[None, :] >= start[:, None]) & (tiles[None, :] < end[:, None])
             total *= keep.double().mean().item()
         return total
 
@@ -131,18 +173,24 @@ class TileLayout:
         query_tiles = key_tiles[rows]  # (R, 3)
         mask = torch.ones(rows.numel(), coords.shape[0], dtype=torch.bool, device=device)
         for axis in range(NUM_AXES):
-            start = self.window_starts(axis, query_tiles[:, axis])
+            start, end = self.window_bounds(axis, query_tiles[:, axis])
             kt = key_tiles[:, axis]
-            mask &= (kt[None, :] >= start[:, None]) & (kt[None, :] < start[:, None] + self.window_tiles[axis])
+            mask &= (kt[None, :] >= start[:, None]) & (kt[None, :] < end[:, None])
         return mask
 
 
 def local_attention_mask(
-    grid: Sequence[int], tile: Sequence[int], window: Sequence[int], device: Union[torch.device, str, None] = None
+    grid: Sequence[int],
+    tile: Sequence[int],
+    window: Sequence[int],
+    device: Union[torch.device, str, None] = None,
+    *,
+    causal_frames: int = 0,
 ) -> torch.Tensor:
-    """Dense (L, L) bool mask of the local-window rule, raster order; ``mask[q, k]`` = q attends k.
+    """Dense (L, L) bool mask of the local-window rule (block-causal in time with ``causal_frames``), raster order;
+    ``mask[q, k]`` = q attends k.
 
     Meant for tests and for building FlexAttention block masks; it is O(L^2) memory.
     """
-    layout = TileLayout.create(grid, tile, window)
+    layout = TileLayout.create(grid, tile, window, causal_frames)
     return layout.mask_rows(torch.arange(layout.num_tokens, device=device))

@@ -117,3 +117,64 @@ def test_window_start_int_and_tensor_paths_agree():
         for window in range(1, 9):
             tensor = window_start(torch.arange(n), n, window).tolist()
             assert [window_start(c, n, window) for c in range(n)] == tensor, (n, window)
+
+
+def _frame_block_causal_local_mask(grid, tile, window, causal_frames):
+    """Independent mask of the block-causal time rule: SkyReels-V2's frame-block causal mask (a key's block of
+    ``causal_frames`` frames <= the query's) and the last ``window[0]`` time tiles up to the end of the query's
+    block, with the plain local rule in height and width (time window covering every frame)."""
+    frames = torch.arange(grid[0]).repeat_interleave(grid[1] * grid[2])  # frame of each raster token
+    n_t = -(-grid[0] // tile[0])
+    block_end_tile = torch.clamp((frames // causal_frames + 1) * (causal_frames // tile[0]), max=n_t)
+    key_tile = frames // tile[0]
+    causal = (frames[None, :] // causal_frames) <= (frames[:, None] // causal_frames)
+    recent = (block_end_tile[:, None] - 1 - key_tile[None, :]) < window[0]
+    spatial = local_attention_mask(grid, tile, (n_t, window[1], window[2]))
+    return causal & recent & spatial
+
+
+# (grid, tile, window, causal_frames): frame blocks of 1 or 2 tiles; a ragged last tile and block; a window of
+# exactly one block; one covering every frame (= SkyReels-V2's causal mask with the spatial window).
+CAUSAL_CASES = [
+    ((7, 3, 5), (1, 2, 2), (3, 1, 2), 1),
+    ((7, 3, 5), (2, 2, 3), (3, 2, 1), 4),
+    ((6, 2, 4), (1, 2, 2), (2, 1, 1), 2),
+    ((5, 2, 3), (1, 1, 3), (9, 2, 1), 2),
+]
+
+
+@pytest.mark.parametrize("grid,tile,window,causal_frames", CAUSAL_CASES)
+def test_block_causal_time_rule_matches_the_frame_block_causal_mask(grid, tile, window, causal_frames):
+    mask = local_attention_mask(grid, tile, window, causal_frames=causal_frames)
+    assert torch.equal(mask, _frame_block_causal_local_mask(grid, tile, window, causal_frames))
+    layout = TileLayout.create(grid, tile, window, causal_frames)
+    assert layout.density() == pytest.approx(mask.double().mean().item())
+
+
+@pytest.mark.parametrize("grid,tile,window,causal_frames", CAUSAL_CASES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_block_causal_local_attention_matches_dense_masked_softmax(grid, tile, window, causal_frames, backend):
+    """Forward and gradients of both backends (triton in the interpreter) against an fp64 dense softmax under the
+    independent mask."""
+    torch.manual_seed(7)
+    seq = grid[0] * grid[1] * grid[2]
+    q, k, v = (torch.randn(1, seq, 2, 16, requires_grad=True) for _ in range(3))
+    out = local_attention(q, k, v, grid, tile, window, causal_frames=causal_frames, backend=backend)
+    want = dense_masked(q, k, v, _frame_block_causal_local_mask(grid, tile, window, causal_frames), 0.25)
+    assert_rel_close(out, want, 1e-5, "out")
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    expected = torch.autograd.grad(want, (q, k, v), dout.double())
+    for name, g, e in zip("qkv", got, expected):
+        assert_rel_close(g, e, 2e-5, f"d{name}")
+
+
+@pytest.mark.parametrize(
+    "causal_frames,match",
+    [(3, r"multiple of the tile's frames tile\[0\] = 2"), (8, r"window\[0\] must cover a causal block, >= .* = 4"),
+     (-1, "causal_frames must be an int >= 0"), (True, "causal_frames must be an int >= 0")],
+)
+def test_bad_causal_frames_raise_clear_errors(causal_frames, match):
+    q = torch.randn(1, 8 * 4, 1, 16)
+    with pytest.raises(ValueError, match=match):
+        local_attention(q, q, q, (8, 2, 2), (2, 2, 2), (3, 1, 1), causal_frames=causal_frames)

@@ -294,9 +294,9 @@ def test_query_range_table_matches_brute_force():
     offsets = [0, layout.num_tiles[0], layout.num_tiles[0] + layout.num_tiles[1]]
     total = sum(layout.num_tiles)
     for axis, n in enumerate(layout.num_tiles):
-        starts = layout.window_starts(axis, torch.arange(n))
+        starts, ends = layout.window_bounds(axis, torch.arange(n))
         for key_tile in range(n):
-            queries = [c for c in range(n) if starts[c] <= key_tile < starts[c] + layout.window_tiles[axis]]
+            queries = [c for c in range(n) if starts[c] <= key_tile < ends[c]]
             lo, hi = table[offsets[axis] + key_tile].item(), table[total + offsets[axis] + key_tile].item()
             assert list(range(lo, hi)) == queries, (axis, key_tile)
 
@@ -327,7 +327,7 @@ def test_opcheck_forward_op(h_kv, device):
     k, v = (torch.randn(1, 45, h_kv, 16, device=device, requires_grad=True) for _ in range(2))
     torch.library.opcheck(
         torch.ops.fastvmt.local_attention_fwd.default,
-        (q, k, v, [3, 5, 3], [1, 2, 2], [1, 1, 1], 0.25),
+        (q, k, v, [3, 5, 3], [1, 2, 2], [1, 1, 1], 0.25, 0),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"),
     )
 

@@ -44,6 +44,7 @@ def local_attention(
     scale: Optional[float] = None,
     backend: str = "auto",
     return_lse: bool = False,
+    causal_frames: int = 0,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Spatiotemporal local-window attention on a video token grid.
 
@@ -60,6 +61,11 @@ def local_attention(
         backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise), "triton" (also runs on CPU
             tensors under TRITON_INTERPRET=1) or "torch" (the memory-bounded chunked reference).
         return_lse: also return the fp32 natural-log log-sum-exp, (B, H, L).
+        causal_frames: 0 (default), or block-causal time for autoregressive / diffusion-forcing video DiTs: frames
+            form causal blocks of ``causal_frames`` frames (a multiple of ``tile[0]``; ``window[0]`` must cover a
+            block), and a query attends keys only in its own block and the ``window[0] - causal_frames / tile[0]``
+            time tiles before it (the local rule intersected with a frame-block-causal mask; see
+            :mod:`fastvmt_kernels.layout`).
 
     Returns:
         out (B, L, H, D) in q's dtype, or (out, lse) when ``return_lse``. Differentiable w.r.t. q, k, v (the
@@ -67,7 +73,7 @@ def local_attention(
     """
     check_tensors(("q", "k", "v"), (q, k, v), 4, "(B, L, H, D)")
     check_head_groups(q, k, v, "(B, L, H, D)", "(B, L, H_kv, D)")
-    layout = TileLayout.create(grid, tile, window)
+    layout = TileLayout.create(grid, tile, window, causal_frames)
     if layout.num_tokens != q.shape[1]:
         raise ValueError(f"grid {layout.grid} has {layout.num_tokens} tokens but q has L = {q.shape[1]}")
     if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)

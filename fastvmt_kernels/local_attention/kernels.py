@@ -223,9 +223,14 @@ def _program_tile(pid, T, HG, WG, TT: tl.constexpr, TH: tl.constexpr, TW: tl.con
 
 @triton.jit
 def _query_window(ct, cy, cx, NT, NY, NX, WT, WY, WX, HALF_T, HALF_Y, HALF_X, T, HG, WG,
-                  TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    """Key-tile window of query tile (ct, cy, cx) per axis as (start, end of the full tiles, end)."""
-    st, et = _window(ct, NT, WT, HALF_T)
+                  TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, CAUSAL_TILES: tl.constexpr):
+    """Key-tile window of query tile (ct, cy, cx) per axis as (start, end of the full tiles, end); with
+    CAUSAL_TILES > 0 the time window ends with the query's causal block of CAUSAL_TILES tiles (layout.py)."""
+    if CAUSAL_TILES > 0:
+        et = tl.minimum(NT, (ct // CAUSAL_TILES + 1) * CAUSAL_TILES)
+        st = tl.maximum(et - WT, 0)
+    else:
+        st, et = _window(ct, NT, WT, HALF_T)
     sy, ey = _window(cy, NY, WY, HALF_Y)
     sx, ex = _window(cx, NX, WX, HALF_X)
     ft = _split_full(st, et, T // TT)
@@ -273,7 +278,7 @@ def local_attention_fwd_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RAGGED_T: tl.constexpr, RAGGED_Y: tl.constexpr, RAGGED_X: tl.constexpr,
-    INTERPRET: tl.constexpr, PRECISION: tl.constexpr, KV_GROUP: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr, KV_GROUP: tl.constexpr, CAUSAL_TILES: tl.constexpr,
 ):
     """Forward. Grid: (n_tiles * ceil(VOL / BLOCK_M), B * H). Writes O (B, L, H, D) and LSE (B, H, L) fp32.
 
@@ -296,7 +301,7 @@ def local_attention_fwd_kernel(
     v_base = V + b * sv_b + kv_h * sv_h
 
     st, ft, et, sy, fy, ey, sx, fx, ex = _query_window(ct, cy, cx, NT, NY, NX, WT, WY, WX, HALF_T, HALF_Y, HALF_X,
-                                                       T, HG, WG, TT, TH, TW)
+                                                       T, HG, WG, TT, TH, TW, CAUSAL_TILES)
 
     m_i = tl.full([BLOCK_M], MAX_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -362,7 +367,7 @@ def local_attention_dq_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RAGGED_T: tl.constexpr, RAGGED_Y: tl.constexpr, RAGGED_X: tl.constexpr, HAS_DLSE: tl.constexpr,
-    INTERPRET: tl.constexpr, PRECISION: tl.constexpr, KV_GROUP: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr, KV_GROUP: tl.constexpr, CAUSAL_TILES: tl.constexpr,
 ):
     """dq and delta. Grid: (n_tiles * ceil(VOL / BLOCK_M), B * H). delta = rowsum(dO*O) - dlse, (B, H, L) fp32.
     K, V: (B, L, H / KV_GROUP, D), as in the forward."""
@@ -392,7 +397,7 @@ def local_attention_dq_kernel(
     v_base = V + b * sv_b + kv_h * sv_h
 
     st, ft, et, sy, fy, ey, sx, fx, ex = _query_window(ct, cy, cx, NT, NY, NX, WT, WY, WX, HALF_T, HALF_Y, HALF_X,
-                                                       T, HG, WG, TT, TH, TW)
+                                                       T, HG, WG, TT, TH, TW, CAUSAL_TILES)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_box(dq, q, do, lse2, delta, k_base, v_base, sk_l, sv_l, offs_d, st, ft, sy, fy, sx, fx, T, HG, WG,
@@ -566,6 +571,8 @@ def inspect_specs(head_dims=INSPECT_HEAD_DIMS, shared_memory: int = HOPPER_SHARE
             constexprs["KV_GROUP"] = 1
             if kind == "dq":
                 constexprs["HAS_DLSE"] = False
+            if kind != "dkdv":  # the query windows' time rule (0: not causal); dk/dv reads its ranges from QRANGE
+                constexprs["CAUSAL_TILES"] = 0
             signature = {}
             divisible = []
             for name in fn.arg_names:

@@ -70,14 +70,14 @@ def _query_range_table(layout: TileLayout, device: torch.device) -> torch.Tensor
     """int32 [lo_t, lo_y, lo_x, hi_t, hi_y, hi_x] (concatenated per-axis tile ranges), built once per layout.
 
     For key tile c on an axis, the query tiles whose windows contain c are [lo[c], hi[c]) -- contiguous
-    because the window start is monotone in the query tile.
+    because the window's start and end are monotone in the query tile (block-causal time windows too).
     """
     lows, highs = [], []
     for axis in range(3):
         n = layout.num_tiles[axis]
         tiles = torch.arange(n)
-        start = layout.window_starts(axis, tiles)  # window of query tile q: [start[q], start[q] + w)
-        contains = (tiles[None, :] >= start[:, None]) & (tiles[None, :] < start[:, None] + layout.window_tiles[axis])
+        start, end = layout.window_bounds(axis, tiles)  # window of query tile q: [start[q], end[q])
+        contains = (tiles[None, :] >= start[:, None]) & (tiles[None, :] < end[:, None])
         idx = torch.arange(n)[:, None].expand(n, n)  # (query, key)
         lows.append(torch.where(contains, idx, n).min(0).values)
         highs.append(torch.where(contains, idx, -1).max(0).values + 1)
@@ -137,7 +137,7 @@ def launch_forward(
             q, k, v, out, lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             h, *layout.grid, *_window_args(layout), scale * kernels.LOG2E.value,
-            BLOCK_M=block_m, BLOCK_N=block_n, KV_GROUP=kv_group(q, k),
+            BLOCK_M=block_m, BLOCK_N=block_n, KV_GROUP=kv_group(q, k), CAUSAL_TILES=layout.causal_tiles,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
         )
     return out, lse
@@ -195,6 +195,7 @@ def launch_backward(
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq),
             h, *layout.grid, *_window_args(layout), scale, qk_scale,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_DLSE=dlse is not None, KV_GROUP=group,
+            CAUSAL_TILES=layout.causal_tiles,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
         )
         cfg = configs["dkdv"]
@@ -219,14 +220,15 @@ def launch_backward(
 
 @torch.library.custom_op("fastvmt::local_attention_fwd", mutates_args=())
 def local_attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: List[int], tile: List[int], window: List[int], scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: List[int], tile: List[int], window: List[int],
+    scale: float, causal_frames: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward custom op: (out (B, L, H, D), lse (B, H, L) fp32); k, v: (B, L, H_kv, D), H a multiple of H_kv."""
-    return launch_forward(q, k, v, TileLayout.create(grid, tile, window), scale)
+    return launch_forward(q, k, v, TileLayout.create(grid, tile, window, causal_frames), scale)
 
 
 @local_attention_fwd_op.register_fake
-def _fwd_fake(q, k, v, grid, tile, window, scale):
+def _fwd_fake(q, k, v, grid, tile, window, scale, causal_frames):
     b, seq, h, d = q.shape
     return q.new_empty((b, seq, h, d)), q.new_empty((b, h, seq), dtype=torch.float32)
 
@@ -244,30 +246,31 @@ def local_attention_bwd_op(
     tile: List[int],
     window: List[int],
     scale: float,
+    causal_frames: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward custom op: (dq (B, L, H, D), dk, dv (B, L, H_kv, D)) in q's dtype."""
-    return launch_backward(dout, q, k, v, out, lse, dlse, TileLayout.create(grid, tile, window), scale)
+    layout = TileLayout.create(grid, tile, window, causal_frames)
+    return launch_backward(dout, q, k, v, out, lse, dlse, layout, scale)
 
 
 @local_attention_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, out, lse, dlse, grid, tile, window, scale):
+def _bwd_fake(dout, q, k, v, out, lse, dlse, grid, tile, window, scale, causal_frames):
     return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, grid, tile, window, scale = inputs
+    q, k, v, grid, tile, window, scale, causal_frames = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.geometry = (grid, tile, window, scale)
+    ctx.geometry = (grid, tile, window, scale, causal_frames)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    grid, tile, window, scale = ctx.geometry
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = local_attention_bwd_op(dout, q, k, v, out, lse, dlse, grid, tile, window, scale)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = local_attention_bwd_op(dout, q, k, v, out, lse, dlse, *ctx.geometry)
+    return dq, dk, dv, None, None, None, None, None
 
 
 local_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -284,7 +287,9 @@ def local_attention_triton(
     check_head_dim(q.shape[-1])
     check_device(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return local_attention_fwd_op(q, k, v, list(layout.grid), list(layout.tile), list(layout.window), scale)
+    return local_attention_fwd_op(
+        q, k, v, list(layout.grid), list(layout.tile), list(layout.window), scale, layout.causal_frames
+    )
 
 
 __all__ = ["local_attention_triton", "launch_forward", "launch_backward", "check_head_dim"]
