@@ -16,6 +16,7 @@ _LAZY_EXPORTS = {
     "LTXVideoLocalAttnProcessor": "fastvmt.ltx_video",
     "LTX2LocalAttnProcessor": "fastvmt.ltx2",
     "WanAnimateLocalAttnProcessor": "fastvmt.wan_animate",
+    "SkyReelsV2LocalAttnProcessor": "fastvmt.skyreels_v2",
     "QKCaptureProcessor": "fastvmt.processors",
     "attention_phase": "fastvmt.processors",
     "load_video": "fastvmt.video_io",

@@ -8,8 +8,9 @@
   parallelism machinery.
 - :func:`apply_local_attention` installs it on a live transformer; ``phases`` chooses guidance passes, denoising
   passes or both (the pipeline marks passes with :func:`attention_phase`). It patches the Wan family (Wan2.1 / 2.2,
-  Wan-VACE with its control blocks, ChronoEdit, SkyReels-V2); given a Wan-Animate, CogVideoX, HunyuanVideo (1.0 or
-  1.5), LTX-Video or LTX-2 one it installs that family's processor instead (:mod:`fastvmt.wan_animate`,
+  Wan-VACE with its control blocks, ChronoEdit); given a SkyReels-V2, Wan-Animate, CogVideoX, HunyuanVideo (1.0 or
+  1.5), LTX-Video or LTX-2 one it installs that family's processor instead (:mod:`fastvmt.skyreels_v2`,
+  :mod:`fastvmt.wan_animate`,
   :mod:`fastvmt.cogvideox`, :mod:`fastvmt.hunyuan_video`, :mod:`fastvmt.hunyuan_video15`, :mod:`fastvmt.ltx_video`,
   :mod:`fastvmt.ltx2`:
   each gives its ``PROCESSOR``, ``processor_keys`` and ``read_grid``; the settings
@@ -44,11 +45,10 @@ WAN_FAMILY = {
     "WanTransformer3DModel": (),
     "WanVACETransformer3DModel": (("vace_blocks", "vace_layers"),),
     "ChronoEditTransformer3DModel": (),
-    # SkyReels-V2: calls with its diffusion-forcing block-causal mask run the stock dense path (LocalAttnProcessor).
-    "SkyReelsV2Transformer3DModel": (),
 }
 # Other transformers: class name -> the module that defines their local processor (PROCESSOR), its processor keys
-# (processor_keys(transformer, blocks)) and the token grid of a call (read_grid(transformer, args, kwargs)).
+# (processor_keys(transformer, blocks)), the token grid of a call (read_grid(transformer, args, kwargs)) and, where
+# the processor reads the model's config, configure(processor, transformer).
 OTHER_FAMILIES = {
     "CogVideoXTransformer3DModel": "fastvmt.cogvideox",
     "HunyuanVideoTransformer3DModel": "fastvmt.hunyuan_video",
@@ -56,6 +56,7 @@ OTHER_FAMILIES = {
     "LTXVideoTransformer3DModel": "fastvmt.ltx_video",
     "LTX2VideoTransformer3DModel": "fastvmt.ltx2",
     "WanAnimateTransformer3DModel": "fastvmt.wan_animate",
+    "SkyReelsV2Transformer3DModel": "fastvmt.skyreels_v2",
 }
 
 _phase_state = threading.local()
@@ -354,7 +355,8 @@ def apply_local_attention(
     Args:
         transformer: a diffusers ``WanTransformer3DModel`` (Wan2.1 / 2.2), ``WanVACETransformer3DModel`` (its
             control blocks are patched with the main block each feeds), ``ChronoEditTransformer3DModel`` or
-            ``SkyReelsV2Transformer3DModel`` (cross-attention untouched; masked calls stay dense), a
+            ``SkyReelsV2Transformer3DModel`` (cross-attention untouched; the diffusion-forcing block-causal calls
+            run block-causal local attention: :mod:`fastvmt.skyreels_v2`), a
             ``WanAnimateTransformer3DModel`` (its reference frame stays global: :mod:`fastvmt.wan_animate`), or a
             ``CogVideoXTransformer3DModel`` / ``HunyuanVideoTransformer3DModel`` /
             ``HunyuanVideo15Transformer3DModel`` (their joint text + video attention then runs
@@ -390,6 +392,8 @@ def apply_local_attention(
         processor_class, read_grid = module.PROCESSOR, module.read_grid
         keys = module.processor_keys(transformer, blocks)
     processor = processor_class(tile=tile, window=window, phases=phases, backend=backend)
+    if family is not None and hasattr(module, "configure"):
+        module.configure(processor, transformer)
     return install_local_processor(transformer, processor, keys, read_grid)
 
 

@@ -50,15 +50,17 @@ def stock_copy(model):
     return stock
 
 
-def local_rule_reference(model, kwargs, module, grid, tile, window, num_global, monkeypatch, global_position="suffix"):
+def local_rule_reference(model, kwargs, module, grid, tile, window, num_global, monkeypatch, global_position="suffix",
+                         causal_frames=0):
     """``model``'s output with the joint local rule added to the bool mask of each self-attention call over the
     [video, global] sequence (``global_position="suffix"``, e.g. text) or the [global, video] one (``"prefix"``, e.g.
     Wan-Animate's reference frame) made through ``module.dispatch_attention_fn``: video queries x video keys get the
     local window of ``grid``, ``tile``, ``window``; the mask given ((B, 1, 1, N) or (B, 1, N, N), or none) holds
-    elsewhere. Calls of another length (a text-only refiner, cross-attention) run unchanged."""
+    elsewhere (``causal_frames``: the block-causal time rule). Calls of another length (a text-only refiner,
+    cross-attention) run unchanged."""
     from fastvmt_kernels import local_attention_mask
 
-    local = local_attention_mask(grid, tile, window)
+    local = local_attention_mask(grid, tile, window, causal_frames=causal_frames)
     num_video = local.shape[0]
     total = num_video + num_global
     video = slice(0, num_video) if global_position == "suffix" else slice(num_global, total)

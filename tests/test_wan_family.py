@@ -1,8 +1,10 @@
 """apply_local_attention on the other diffusers transformers built on Wan's self-attention (Wan-VACE with its control
-blocks, ChronoEdit), and a clear refusal of transformers it does not know."""
+blocks, ChronoEdit, SkyReels-V2 with diffusion forcing), and a clear refusal of transformers it does not know."""
+import warnings
+
 import pytest
 import torch
-from _utils import assert_covering_window_is_stock
+from _utils import REL_TOL, assert_covering_window_is_stock, assert_rel_close, local_rule_reference, stock_copy
 from _wan_tiny import sharpen_self_attention, single_thread, transformer_config
 
 from fastvmt.processors import LocalAttnProcessor, apply_local_attention
@@ -95,16 +97,44 @@ def test_vace_control_blocks_run_local_attention():
     assert (control_only - stock).abs().max() > 1e-4
 
 
-def test_skyreels_diffusion_forcing_causal_mask_keeps_the_stock_dense_path():
-    """With frames per block > 1 SkyReels-V2 passes a block-causal mask to its self-attention: the local processor
-    leaves such calls to the stock (masked, dense) path, so even a 1-tile window changes nothing."""
+def test_skyreels_diffusion_forcing_runs_block_causal_local_attention(monkeypatch):
+    """Under diffusion forcing (frames per block set after installation, as the pipeline does) every block's
+    self-attention gets SkyReels-V2's frame-block-causal mask; the processor runs it as block-causal local attention:
+    equal to the stock model with the causal local rule added to that mask, unlike the stock (dense causal) model."""
+    from diffusers.models.transformers import transformer_skyreels_v2
+
+    model = _skyreels()
+    inputs = _inputs(model, frames=6)
+    grid, tile, window = (6, 5, 6), (1, 2, 2), (3, 1, 2)
+    apply_local_attention(model, tile=tile, window=window, backend="torch")
+    model._set_ar_attention(2)
+    with torch.no_grad():
+        local = model(**inputs)[0]
+    stock = stock_copy(model)
+    call = {name: value for name, value in inputs.items() if name != "return_dict"}
+    want = local_rule_reference(stock, call, transformer_skyreels_v2, grid, tile, window, 0, monkeypatch,
+                                causal_frames=2)
+    assert_rel_close(local, want, REL_TOL[torch.float32], "block-causal local vs masked stock")
+    with torch.no_grad():
+        assert (local - stock(**inputs)[0]).abs().max() > 1e-3
+    apply_local_attention(model, tile=tile, window=window, backend="triton")
+    with torch.no_grad():
+        assert_rel_close(model(**inputs)[0], local, 1e-4, "triton vs torch processor")
+
+
+def test_skyreels_causal_blocks_that_tiles_cannot_hold_run_dense_with_one_warning():
+    """Blocks of 3 frames with 2-frame tiles cannot be whole tiles: the causal calls keep the stock dense path."""
     model = _skyreels(frames_per_block=3)
     inputs = _inputs(model, frames=6)
     with torch.no_grad():
         stock = model(**inputs)[0]
-        apply_local_attention(model, tile=(1, 2, 2), window=(1, 1, 1), backend="torch")
-        local = model(**inputs)[0]
+        apply_local_attention(model, tile=(2, 2, 2), window=(2, 1, 1), backend="torch")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            local = model(**inputs)[0]
     assert torch.equal(local, stock)
+    messages = [str(w.message) for w in caught if "runs dense" in str(w.message)]
+    assert len(messages) == 1 and "blocks of 3 frames need tile[0] dividing 3" in messages[0]
 
 
 def test_unknown_transformer_is_refused_with_the_supported_list():
