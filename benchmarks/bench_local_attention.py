@@ -77,6 +77,10 @@ GQA_MODEL, GQA_DENSITY = next(iter(MODELS)), "25%"
 # reference image, global to every token (fastvmt.wan_animate), the window applies to the other frames' grid; timed
 # on the 14B's heads (Wan2.2-Animate-14B) against dense attention over the same L tokens.
 ANIMATE_MODEL, ANIMATE_DENSITY = list(MODELS)[-1], "25%"
+# Block-causal time (provider "ours-causal", timed last): diffusion forcing as SkyReels-V2 runs it (fastvmt.skyreels_v2),
+# causal blocks of one time tile (CAUSAL_FRAMES = tile[0]), the window's time extent the own tile and those before it;
+# its first and last heads are checked against SDPA with the rule's dense mask.
+CAUSAL_MODEL, CAUSAL_DENSITY, CAUSAL_FRAMES = next(iter(MODELS)), "50%" if DRY else "25%", TILE[0]
 
 RESULTS: List[Dict[str, object]] = []
 
@@ -132,8 +136,9 @@ def animate_pairs(layout: TileLayout) -> float:
 
 def make_attention(provider: str, layout: TileLayout) -> Callable:
     """Attention callable on (B, L, H, D) tensors for ``provider`` (k, v with fewer heads for "ours-gqa")."""
-    if provider in ("ours", "ours-gqa"):
-        return lambda q, k, v: local_attention(q, k, v, layout.grid, layout.tile, layout.window, backend="triton")
+    if provider in ("ours", "ours-gqa", "ours-causal"):
+        return lambda q, k, v: local_attention(q, k, v, layout.grid, layout.tile, layout.window, backend="triton",
+                                               causal_frames=layout.causal_frames)
     if provider == "ours-animate":
         from fastvmt_kernels import joint_local_attention
 
@@ -202,19 +207,24 @@ def check_first_head_against_reference(attend, q, k, v, layout):
                            "ours disagrees with the reference")
 
 
-def check_animate_against_masked_dense(attend, q, k, v, layout):
-    """The Wan-Animate rule's first and last heads against SDPA with the rule's dense (L, L) mask
-    (:func:`assert_end_heads_close`)."""
+def check_against_masked_sdpa(provider, attend, q, k, v, layout):
+    """The first and last heads of a rule with its own dense (L, L) mask -- Wan-Animate's (a global reference frame)
+    or the block-causal one -- against SDPA with that mask (:func:`assert_end_heads_close`)."""
     from fastvmt_kernels import local_attention_mask
 
-    generated, reference = animate_layout(layout), layout.grid[1] * layout.grid[2]
-    mask = torch.ones(SEQ, SEQ, dtype=torch.bool, device=q.device)
-    mask[reference:, reference:] = local_attention_mask(generated.grid, generated.tile, generated.window).to(q.device)
+    if provider == "ours-animate":
+        generated, reference = animate_layout(layout), layout.grid[1] * layout.grid[2]
+        mask = torch.ones(SEQ, SEQ, dtype=torch.bool, device=q.device)
+        mask[reference:, reference:] = local_attention_mask(generated.grid, generated.tile, generated.window).to(
+            q.device)
+    else:
+        mask = local_attention_mask(layout.grid, layout.tile, layout.window, q.device,
+                                    causal_frames=layout.causal_frames)
 
     def masked_sdpa(*qkv):
         return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in qkv), attn_mask=mask).transpose(1, 2)
 
-    assert_end_heads_close(attend, q, k, v, masked_sdpa, "ours-animate disagrees with the masked SDPA")
+    assert_end_heads_close(attend, q, k, v, masked_sdpa, f"{provider} disagrees with the masked SDPA")
 
 
 def cases():
@@ -239,6 +249,8 @@ def cases():
         yield GQA_MODEL, GQA_DENSITY, "ours-gqa", mode
     for mode in MODES:
         yield ANIMATE_MODEL, ANIMATE_DENSITY, "ours-animate", mode
+    for mode in MODES:
+        yield CAUSAL_MODEL, CAUSAL_DENSITY, "ours-causal", mode
 
 
 @pytest.mark.parametrize("case", list(cases()), ids=lambda case: "-".join(case))
@@ -251,7 +263,7 @@ def test_local_attention(benchmark, case, monkeypatch):
         monkeypatch.setattr(kernels, "kernel_configs", lambda head_dim, elem_bytes, *shared_memory: swept)
     heads = MODELS[model]
     window = WINDOWS.get(density, (99, 99, 99))
-    layout = TileLayout.create(GRID, TILE, window)
+    layout = TileLayout.create(GRID, TILE, window, CAUSAL_FRAMES if provider == "ours-causal" else 0)
     if DRY and provider == "flex" and mode != "fwd":
         pytest.skip("FlexAttention has no CPU backward")
     if DRY and provider == "sdpa-cudnn":
@@ -275,14 +287,14 @@ def test_local_attention(benchmark, case, monkeypatch):
             out = attend(q, k, v)
             return torch.autograd.grad(out, (q, k, v), dout)
 
-    if DRY and provider.split("@")[0] in ("ours", "ours-gqa", "flex"):  # the dry run also proves they implement the rule
+    if DRY and provider.split("@")[0] in ("ours", "ours-gqa", "ours-causal", "flex"):  # the dry run checks the rule
         from fastvmt_kernels.local_attention.reference import local_attention_reference
 
         with torch.no_grad():
             expected = local_attention_reference(q, k, v, layout)[0]
             assert torch.allclose(attend(q, k, v), expected, atol=1e-4), f"{provider} disagrees with the reference"
-    if provider == "ours-animate" and mode == "fwd":  # the timed rule is right: first and last head vs masked SDPA
-        check_animate_against_masked_dense(attend, q, k, v, layout)
+    if provider in ("ours-animate", "ours-causal") and mode == "fwd":  # the timed rule: end heads vs masked SDPA
+        check_against_masked_sdpa(provider, attend, q, k, v, layout)
     if not DRY and provider in ("ours", "ours-gqa") and mode == "fwd":  # the timed configuration is right
         check_first_head_against_reference(attend, q, k, v, layout)
     step()  # compile / autotune outside the timing
@@ -374,5 +386,8 @@ def _write(rows: List[Dict[str, object]]) -> None:
         "ours-animate: Wan-Animate's rule (fastvmt.wan_animate): the grid's first frame is the reference image, "
         "attending and attended by all tokens; the window (in tiles) holds among the other frames; density = its "
         "kept pairs / L^2 (joint_local_attention, the reference frame's part on the kernels too)",
+        f"ours-causal: block-causal time (local_attention(causal_frames={CAUSAL_FRAMES}), SkyReels-V2's diffusion "
+        "forcing with blocks of one time tile): the time window is the query's tile and the tiles before it; its "
+        "density is that rule's",
     ]
     write_table("local_attention", "Local attention vs dense SDPA and FlexAttention", rows, columns, notes, _plot(rows))

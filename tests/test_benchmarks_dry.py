@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
 EXPECTED_TABLES = {
-    "local_attention.md": "ours-gqa",  # the last rows (grouped-query heads, after the sweep and FlexAttention) ran
+    "local_attention.md": "ours-causal",  # the last rows (block-causal time, after the sweep, FlexAttention, GQA) ran
     "motion_flow_dry.md": "fused_fwd1x1_bwd1x1",  # a tile-group ablation ran
     "motion_flow_dry_kernels.md": "us_per_step",
     "motion_flow_host_dry.md": "| launched |",  # both rows: stubbed and timed real launches
