@@ -153,14 +153,15 @@ def test_block_causal_time_rule_matches_the_frame_block_causal_mask(grid, tile, 
 
 @pytest.mark.parametrize("grid,tile,window,causal_frames", CAUSAL_CASES)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_block_causal_local_attention_matches_dense_masked_softmax(grid, tile, window, causal_frames, backend):
-    """Forward and gradients of both backends (triton in the interpreter) against an fp64 dense softmax under the
-    independent mask."""
+def test_block_causal_local_attention_matches_dense_masked_softmax(grid, tile, window, causal_frames, backend, device):
+    """Forward and gradients of both backends (triton in the interpreter on CPU) against an fp64 dense softmax under
+    the independent mask."""
     torch.manual_seed(7)
     seq = grid[0] * grid[1] * grid[2]
-    q, k, v = (torch.randn(1, seq, 2, 16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, seq, 2, 16, device=device, requires_grad=True) for _ in range(3))
     out = local_attention(q, k, v, grid, tile, window, causal_frames=causal_frames, backend=backend)
-    want = dense_masked(q, k, v, _frame_block_causal_local_mask(grid, tile, window, causal_frames), 0.25)
+    mask = _frame_block_causal_local_mask(grid, tile, window, causal_frames).to(device)
+    want = dense_masked(q, k, v, mask, 0.25)
     assert_rel_close(out, want, 1e-5, "out")
     dout = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), dout)
