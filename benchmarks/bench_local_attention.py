@@ -77,9 +77,9 @@ GQA_MODEL, GQA_DENSITY = next(iter(MODELS)), "25%"
 # reference image, global to every token (fastvmt.wan_animate), the window applies to the other frames' grid; timed
 # on the 14B's heads (Wan2.2-Animate-14B) against dense attention over the same L tokens.
 ANIMATE_MODEL, ANIMATE_DENSITY = list(MODELS)[-1], "25%"
-# Block-causal time (provider "ours-causal", timed last): diffusion forcing as SkyReels-V2 runs it (fastvmt.skyreels_v2),
-# causal blocks of one time tile (CAUSAL_FRAMES = tile[0]), the window's time extent the own tile and those before it;
-# its first and last heads are checked against SDPA with the rule's dense mask.
+# Block-causal time (provider "ours-causal", timed last): diffusion forcing as SkyReels-V2 runs it
+# (fastvmt.skyreels_v2), causal blocks of one time tile (CAUSAL_FRAMES = tile[0]), the window's time extent the own
+# tile and those before it; its first and last heads are checked against SDPA with the rule's dense mask.
 CAUSAL_MODEL, CAUSAL_DENSITY, CAUSAL_FRAMES = next(iter(MODELS)), "50%" if DRY else "25%", TILE[0]
 
 RESULTS: List[Dict[str, object]] = []

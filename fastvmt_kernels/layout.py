@@ -86,27 +86,21 @@ class TileLayout:
         cls, grid: Sequence[int], tile: Sequence[int], window: Sequence[int], causal_frames: int = 0
     ) -> "TileLayout":
         """Validate and build a layout; raises ValueError with the offending values."""
-        layout = cls(
-            _as_positive_triple(grid, "grid"),
-            _as_positive_triple(tile, "tile"),
-            _as_positive_triple(window, "window"),
-        )
+        grid, tile = _as_positive_triple(grid, "grid"), _as_positive_triple(tile, "tile")
+        window = _as_positive_triple(window, "window")
         if isinstance(causal_frames, bool) or not isinstance(causal_frames, int) or causal_frames < 0:
             raise ValueError(f"causal_frames must be an int >= 0 (0: no causal time blocks), got {causal_frames!r}")
-        if causal_frames:
-            tile_t, window_t = layout.tile[0], layout.window[0]
-            if causal_frames % tile_t:
-                raise ValueError(
-                    f"causal_frames must be a multiple of the tile's frames tile[0] = {tile_t} (causal blocks of whole "
-                    f"tiles), got {causal_frames}"
-                )
-            if window_t < causal_frames // tile_t:
-                raise ValueError(
-                    f"window[0] must cover a causal block, >= causal_frames / tile[0] = {causal_frames // tile_t} "
-                    f"time tiles, got {window_t}"
-                )
-            layout = cls(layout.grid, layout.tile, layout.window, causal_frames)
-        return layout
+        if causal_frames % tile[0]:
+            raise ValueError(
+                f"causal_frames must be a multiple of the tile's frames tile[0] = {tile[0]} (causal blocks of whole "
+                f"tiles), got {causal_frames}"
+            )
+        if window[0] < causal_frames // tile[0]:
+            raise ValueError(
+                f"window[0] must cover a causal block, >= causal_frames / tile[0] = {causal_frames // tile[0]} time "
+                f"tiles, got {window[0]}"
+            )
+        return cls(grid, tile, window, causal_frames)
 
     @property
     def causal_tiles(self) -> int:

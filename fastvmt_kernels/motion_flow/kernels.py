@@ -26,8 +26,9 @@ work small (sm_90a SASS per 64-key step and thread, before -> after: forward 105
 1344 -> 873; benchmarks/results/sass_compare.md): key coordinates come from an exact fp32-reciprocal division
 instead of a runtime integer division (~20 instructions per element), window membership is one subtraction and one
 absolute-value compare per axis on the keys' float positions in the box (which the sums and dS need anyway: no
-integer key coordinates beside them; 888 -> 817 forward, 1145 -> 1081 backward, 2 x 2 groups), padding keys past a box read a real key and add an exactly zero dS row (no row masks on loads or atomics, so no
-branches around the atomics), the forward's three per-block key sums are one reduction (6 barriers, not 12), the
+integer key coordinates beside them; 888 -> 817 forward, 1145 -> 1081 backward, 2 x 2 groups), padding keys past a
+box read a real key and add an exactly zero dS row (no row masks on loads or atomics, so no branches around the
+atomics), the forward's three per-block key sums are one reduction (6 barriers, not 12), the
 backward forms dS as P * (row * gy + col * gx - c) (scale folded into the query's gradient, positions from the box
 corner) and query and key element offsets are int32 inside a frame (int64 frame base).
 
