@@ -122,6 +122,23 @@ def test_skyreels_diffusion_forcing_runs_block_causal_local_attention(monkeypatc
         assert_rel_close(model(**inputs)[0], local, 1e-4, "triton vs torch processor")
 
 
+def test_skyreels_diffusion_forcing_compiles_fullgraph():
+    """``compile_repeated_blocks(fullgraph=True)`` traces the block-causal processor (its read of the model's frames
+    per block included) and gives the eager output."""
+    model = _skyreels()
+    inputs = _inputs(model, frames=6)
+    apply_local_attention(model, tile=(1, 2, 2), window=(3, 1, 2), backend="torch")
+    model._set_ar_attention(2)
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+        model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+        try:
+            compiled = model(**inputs)[0]
+        finally:
+            torch._dynamo.reset()
+    assert_rel_close(compiled, eager, 1e-5, "compiled vs eager")
+
+
 def test_skyreels_causal_blocks_that_tiles_cannot_hold_run_dense_with_one_warning():
     """Blocks of 3 frames with 2-frame tiles cannot be whole tiles: the causal calls keep the stock dense path."""
     model = _skyreels(frames_per_block=3)
